@@ -1,0 +1,1 @@
+"""portolan (theory statement to be written)."""

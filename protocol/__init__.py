@@ -1,0 +1,1 @@
+"""protocol (theory statement to be written)."""

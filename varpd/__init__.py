@@ -1,0 +1,1 @@
+"""varpd (theory statement to be written)."""
