@@ -1,0 +1,528 @@
+"""The SVP server: trio, one task per TCP connection, answers from the in-memory index.
+
+Connection loop
+---------------
+Each connection is one task (``trio.serve_tcp``) running this loop::
+
+    receive_some(64 KiB) -> lookup lane: a run of plain VL2_REQ / VL3_REQ frames, answered
+                            straight from the bytes (one struct unpack, CRC, dict gets, encode)
+                         -> Decoder: the next frame that is anything else (other ops, a frame
+                            cut short, any doubt), then back to the lookup lane
+                         -> one send_all of every reply of that receive, in request order
+
+- The lookup lane is the hot path and duplicates only the layout of the two lookup requests:
+  it takes a frame only when it is whole, of version 1 or 2, of exactly the op's body size,
+  with a correct CRC. Everything else goes to `protocol.svp.Decoder`, the authority on framing
+  and errors (a bad CRC in a VL2_REQ is reported by the Decoder, not the lane). The lane runs
+  only at frame boundaries; while the Decoder holds a partial frame it gets every byte.
+
+- Replies go out in the order the requests came in (varpd matches by id, portolan's own test
+  client and MNX's rely on order). A reply carries its request's id verbatim and its version
+  (1 or 2; CONVENTIONS "SVP server decisions").
+- Replies are written whole: all replies produced from one receive are joined and written with
+  one ``send_all``. The task does not read again until that write is done, so a client that
+  does not read its replies stops being read from; TCP flow control pushes back on it and no
+  reply queue grows without bound.
+- The decoder holds at most one partial frame between receives: its header checks reject a
+  declared size over ``max_frame`` before the body is awaited, so a stalled client costs at
+  most ``max_frame`` + 16 bytes. A connection that keeps a frame half-sent for longer than
+  ``idle_timeout`` seconds is closed (``idle_timeout`` protocol error). A connection with no
+  partial frame may stay idle forever, as portolan always allowed.
+
+What is answered
+----------------
+- PING -> PONG.
+- VL2_REQ -> VL2_ACK from ``index.vl2``: OK with underlay port and IP, or NOTFOUND, port 0,
+  address ``::``.
+- VL3_REQ -> VL3_ACK from ``index.vl3`` (the request's ip type is ignored, as the reference
+  does): OK with MAC, underlay port and IP, or NOTFOUND with zeros.
+- ROUTE_REQ (v2) -> ROUTE_ACK from ``index.route``; NOTFOUND with zeros when no route matches.
+- LOG_REQ -> LOG_ACK: the requester's underlay IP must map to exactly one compute node
+  (``index.cns_for_underlay_ip``), otherwise FATAL with no entries. The entries come from
+  ``Directory.fetch_log`` (a store read in a worker thread), oldest first, as many as fit so
+  that the whole LOG_ACK body, status word included, is at most ``count`` (the server checks
+  the sizes again before it sends). (A ``count``
+  under 4 still gets the 4-byte empty reply: there is nothing smaller to send.)
+- LOG_RM -> LOG_RM_ACK after ``Directory.remove_log`` (worker thread). Ids not in the log are
+  ignored; ids need not belong to the requester (as the reference).
+- SHOOTDOWN is accepted and counted; it has no reply.
+- BULK_REQ -> BULK_ACK in a format of ours (SVP never defined one), see below; an unknown bulk
+  type gets BADBULK with empty data.
+
+FATAL is sent only when our side fails (the store raised during LOG_REQ or LOG_RM), in the ack
+type of the request, with zeroed fields.
+
+Bulk format (ours)
+------------------
+BULK_ACK body: ``status u32 | type u32 | total u32 | records...``. ``total`` is the number of
+mappings the index holds; the records are the first ones in the index's iteration order
+(unspecified, stable while nothing changes), as many as fit in a frame of ``max_frame`` body
+bytes. When fewer than ``total`` records came back the answer is partial: the client looks
+the rest up one by one. Records:
+
+- ``BulkType.VL2`` (1), 32 bytes: ``mac[6] pad[2] vnet_id u32 port u16 pad[2] ul3_ip[16]``.
+- ``BulkType.VL3`` (2), 44 bytes: ``ip[16] vnet_id u32 mac[6] port u16 ul3_ip[16]``.
+
+Malformed input
+---------------
+A frame the decoder refuses (other version, unknown op, short body, bad CRC, declared size
+over the limit, a LOG_RM whose length disagrees with its count), or an ack op sent to the
+server (``ack_op``), closes the connection at once; it is logged and counted by kind in
+``portolan_svp_protocol_errors_total``. Replies to the valid requests that came before it in
+the same read are still sent. No error ever leaves a connection task: anything unexpected is
+logged, counted as ``internal`` and closes that connection only; every other connection keeps
+working. A client that resets with requests outstanding only loses its own connection.
+
+What may block
+--------------
+Lookups are dict gets on the index: no I/O, no await. LOG_REQ/LOG_RM await the store in a
+worker thread (the Directory's limiter); the connection waits, in order, the others do not.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from functools import partial
+from itertools import islice
+from typing import Any
+
+import trio
+
+from portolan.metrics import LATENCY_SAMPLE_EVERY, PortolanMetrics
+from protocol.svp import (
+    LOG_ENTRY_SIZE,
+    BulkAck,
+    BulkRequest,
+    BulkType,
+    Decoder,
+    LogAck,
+    LogRemove,
+    LogRemoveAck,
+    LogRequest,
+    Ping,
+    Pong,
+    ProtocolError,
+    RouteAck,
+    RouteRequest,
+    Shootdown,
+    Status,
+    VL2Request,
+    VL3Request,
+    encode_vl2_ack,
+    encode_vl3_ack,
+)
+
+log = logging.getLogger("portolan.svp")
+
+DEFAULT_PORT = 1296
+DEFAULT_MAX_FRAME = 64 * 1024
+DEFAULT_IDLE_TIMEOUT = 60.0
+RECEIVE_SIZE = 64 * 1024
+
+ZERO_IP = bytes(16)
+ZERO_MAC = bytes(6)
+
+BULK_VL2_RECORD = struct.Struct(">6s2xIH2x16s")
+BULK_VL3_RECORD = struct.Struct(">16sI6sH16s")
+BULK_HEADER_SIZE = 12  # status, type, total
+
+# The lookup lane's view of the two hot requests (spec/svp.md §2, §5): whole frames.
+_HEAD = struct.Struct(">HHI")  # version, op, size
+_VL2_FRAME = struct.Struct(">HHIII6s2xI")  # header + VL2_REQ body (12)
+_VL3_FRAME = struct.Struct(">HHIII16sII")  # header + VL3_REQ body (24)
+_ZERO4 = bytes(4)
+
+_OK = int(Status.OK)
+_NOTFOUND = int(Status.NOTFOUND)
+_FATAL = int(Status.FATAL)
+
+# Metric keys, built once.
+_VL2_OK = ("vl2", "ok")
+_VL2_NOTFOUND = ("vl2", "notfound")
+_VL3_OK = ("vl3", "ok")
+_VL3_NOTFOUND = ("vl3", "notfound")
+_STATUS_NAME = {_OK: "ok", _FATAL: "fatal", _NOTFOUND: "notfound", int(Status.BADBULK): "badbulk"}
+
+
+class AckOpReceived(ProtocolError):
+    """A client sent the server a reply op (PONG, VL2_ACK, ...)."""
+
+    kind = "ack_op"
+
+
+class SvpServer:
+    """Answers SVP for one Directory. One object per listening portolan."""
+
+    def __init__(
+        self,
+        directory: Any,
+        *,
+        metrics: PortolanMetrics | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
+        self.directory = directory
+        self.metrics = metrics if metrics is not None else PortolanMetrics()
+        self.max_frame = max_frame
+        self.idle_timeout = idle_timeout
+        self._sample_every = LATENCY_SAMPLE_EVERY
+        # Requests the Decoder hands over. Sync handlers return the reply frame (or None: no
+        # reply); async ones may wait for the store.
+        self._sync_handlers: dict[type, Any] = {
+            VL2Request: self._vl2,
+            VL3Request: self._vl3,
+            Ping: self._ping,
+            RouteRequest: self._route,
+            BulkRequest: self._bulk,
+            Shootdown: self._shootdown,
+        }
+        self._async_handlers = {
+            LogRequest: self._log_request,
+            LogRemove: self._log_remove,
+        }
+
+    # ----------------------------------------------------------------------------------------
+    # Listening
+
+    async def serve(
+        self,
+        host: str,
+        port: int = DEFAULT_PORT,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on host:port until cancelled; `started` with the bound (host, port)."""
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, self.handle_connection, port, host=host)
+            )
+            sockname = listeners[0].socket.getsockname()
+            log.info("SVP listening on %s:%d", sockname[0], sockname[1])
+            task_status.started((sockname[0], sockname[1]))
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one connection until the peer closes it or breaks the protocol."""
+        metrics = self.metrics
+        metrics.svp_connections_open += 1
+        metrics.svp_connections_accepted += 1
+        peer = _peer_name(stream)
+        try:
+            await self._connection_loop(stream, peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("SVP connection %s ended: %s", peer, exc)
+        except Exception:
+            metrics.svp_protocol_errors["internal"] += 1
+            log.exception("SVP connection %s: internal error, closing it", peer)
+        finally:
+            metrics.svp_connections_open -= 1
+            await trio.aclose_forcefully(stream)
+
+    # ----------------------------------------------------------------------------------------
+    # The connection loop (hot path)
+
+    async def _connection_loop(self, stream: trio.SocketStream, peer: str) -> None:
+        metrics = self.metrics
+        decoder = Decoder(max_size=self.max_frame)
+        lookup_lane = self._lookup_lane
+        sync_handlers = self._sync_handlers
+        async_handlers = self._async_handlers
+        receive_some = stream.receive_some
+        sample_every = self._sample_every
+        batches = 0
+        while True:
+            if decoder.buffered:
+                # Mid-frame: the rest of it must come within the idle timeout.
+                data = None
+                with trio.move_on_after(self.idle_timeout):
+                    data = await receive_some(RECEIVE_SIZE)
+                if data is None:
+                    metrics.svp_protocol_errors["idle_timeout"] += 1
+                    log.warning(
+                        "SVP connection %s: frame left incomplete for %gs (%d bytes held), closing",
+                        peer,
+                        self.idle_timeout,
+                        decoder.buffered,
+                    )
+                    return
+            else:
+                data = await receive_some(RECEIVE_SIZE)
+            if not data:
+                return
+            batches += 1
+            started = time.perf_counter() if batches % sample_every == 0 else 0.0
+            replies: list[bytes] = []
+            failure: ProtocolError | None = None
+            have = len(data)
+            pos = 0
+            try:
+                while pos < have:
+                    if decoder.buffered:
+                        end = have  # finishing a frame begun earlier: the decoder takes it all
+                    else:
+                        pos = lookup_lane(data, pos, replies)
+                        if pos >= have:
+                            break
+                        end = _frame_end(data, pos)
+                    decoder.receive_data(data[pos:end])
+                    pos = end
+                    while (msg := decoder.next_message()) is not None:
+                        cls = type(msg)
+                        if (handler := sync_handlers.get(cls)) is not None:
+                            reply = handler(msg)
+                            if reply is not None:
+                                replies.append(reply)
+                        elif (async_handler := async_handlers.get(cls)) is not None:
+                            replies.append(await async_handler(msg))
+                        else:
+                            raise AckOpReceived(
+                                f"{msg.OP.name} is a reply; a server only takes requests"
+                            )
+            except ProtocolError as exc:
+                failure = exc
+            if replies:
+                await stream.send_all(b"".join(replies) if len(replies) > 1 else replies[0])
+            if failure is not None:
+                metrics.svp_protocol_errors[failure.kind] += 1
+                log.warning("SVP connection %s: %s (%s), closing", peer, failure, failure.kind)
+                return
+            if started:
+                metrics.svp_lookup_seconds.observe(time.perf_counter() - started)
+
+    def _lookup_lane(self, data: bytes, pos: int, replies: list[bytes]) -> int:
+        """Answer the run of plain VL2_REQ/VL3_REQ frames starting at ``pos``; return where
+        it stopped. Only whole frames of version 1 or 2, of exactly the op's body size and
+        with a correct CRC are taken; anything else (other ops, a frame cut short, any doubt)
+        is left for the Decoder, which is the authority on framing and errors."""
+        have = len(data)
+        counts = self.metrics.svp_requests
+        index = self.directory.index
+        crc32 = zlib.crc32
+        while have - pos >= 16:
+            version, op, size = _HEAD.unpack_from(data, pos)
+            if version != 1 and version != 2:
+                break
+            if op == 3 and size == 12:
+                end = pos + 28
+                if end > have:
+                    break
+                _, _, _, rid, crc, mac, vnet_id = _VL2_FRAME.unpack_from(data, pos)
+                if crc32(data[pos + 16 : end], crc32(_ZERO4, crc32(data[pos : pos + 12]))) != crc:
+                    break
+                found = index.vl2(mac, vnet_id)
+                if found is None:
+                    replies.append(encode_vl2_ack(rid, version, _NOTFOUND, 0, ZERO_IP))
+                    counts[_VL2_NOTFOUND] += 1
+                else:
+                    replies.append(encode_vl2_ack(rid, version, _OK, *found))
+                    counts[_VL2_OK] += 1
+            elif op == 5 and size == 24:
+                end = pos + 40
+                if end > have:
+                    break
+                _, _, _, rid, crc, ip, _type, vnet_id = _VL3_FRAME.unpack_from(data, pos)
+                if crc32(data[pos + 16 : end], crc32(_ZERO4, crc32(data[pos : pos + 12]))) != crc:
+                    break
+                found = index.vl3(ip, vnet_id)
+                if found is None:
+                    replies.append(encode_vl3_ack(rid, version, _NOTFOUND, ZERO_MAC, 0, ZERO_IP))
+                    counts[_VL3_NOTFOUND] += 1
+                else:
+                    replies.append(encode_vl3_ack(rid, version, _OK, *found))
+                    counts[_VL3_OK] += 1
+            else:
+                break
+            pos = end
+        return pos
+
+    # ----------------------------------------------------------------------------------------
+    # Other requests
+
+    def _count(self, op: str, status: int | None) -> None:
+        self.metrics.svp_requests[(op, "none" if status is None else _STATUS_NAME[status])] += 1
+
+    def _vl2(self, msg: VL2Request) -> bytes:
+        found = self.directory.index.vl2(msg.mac, msg.vnet_id)
+        if found is None:
+            self.metrics.svp_requests[_VL2_NOTFOUND] += 1
+            return encode_vl2_ack(msg.id, msg.version, _NOTFOUND, 0, ZERO_IP)
+        self.metrics.svp_requests[_VL2_OK] += 1
+        return encode_vl2_ack(msg.id, msg.version, _OK, *found)
+
+    def _vl3(self, msg: VL3Request) -> bytes:
+        found = self.directory.index.vl3(msg.ip, msg.vnet_id)
+        if found is None:
+            self.metrics.svp_requests[_VL3_NOTFOUND] += 1
+            return encode_vl3_ack(msg.id, msg.version, _NOTFOUND, ZERO_MAC, 0, ZERO_IP)
+        self.metrics.svp_requests[_VL3_OK] += 1
+        return encode_vl3_ack(msg.id, msg.version, _OK, *found)
+
+    def _ping(self, msg: Ping) -> bytes:
+        self._count("ping", _OK)
+        return Pong(msg.id, msg.version).encode()
+
+    def _shootdown(self, msg: Shootdown) -> None:
+        self._count("shootdown", None)
+        log.debug(
+            "SVP SHOOTDOWN for %s in vnet %d accepted (no action)", msg.mac.hex(":"), msg.vnet_id
+        )
+        return None
+
+    def _route(self, msg: RouteRequest) -> bytes:
+        answer = self.directory.index.route(msg.vnet_id, msg.vlan, msg.src_ip, msg.dst_ip)
+        if answer is None:
+            self._count("route", _NOTFOUND)
+            return RouteAck(
+                msg.id, _NOTFOUND, 0, 0, 0, 0, ZERO_IP, ZERO_MAC, ZERO_MAC, 0, 0, msg.version
+            ).encode()
+        self._count("route", _OK)
+        return RouteAck(
+            msg.id,
+            _OK,
+            answer.dc_id,
+            answer.vnet_id,
+            answer.vlan,
+            answer.port,
+            answer.addr,
+            answer.src_mac,
+            answer.dst_mac,
+            answer.src_prefixlen,
+            answer.dst_prefixlen,
+            msg.version,
+        ).encode()
+
+    def _bulk(self, msg: BulkRequest) -> bytes:
+        room = self.max_frame - BULK_HEADER_SIZE
+        index = self.directory.index
+        if msg.bulk_type == BulkType.VL2:
+            total, records = _vl2_records(index)
+            data = _pack_records(BULK_VL2_RECORD, total, records, room)
+        elif msg.bulk_type == BulkType.VL3:
+            total, records = _vl3_records(index)
+            data = _pack_records(BULK_VL3_RECORD, total, records, room)
+        else:
+            self._count("bulk", int(Status.BADBULK))
+            return BulkAck(msg.id, int(Status.BADBULK), msg.bulk_type, b"", msg.version).encode()
+        self._count("bulk", _OK)
+        return BulkAck(msg.id, _OK, msg.bulk_type, data, msg.version).encode()
+
+    async def _log_request(self, msg: LogRequest) -> bytes:
+        cns = self.directory.index.cns_for_underlay_ip(msg.ip)
+        if len(cns) != 1:
+            log.warning(
+                "SVP LOG_REQ from underlay IP %s matches %d compute nodes (need exactly 1)",
+                _ip_text(msg.ip),
+                len(cns),
+            )
+            self._count("log", _FATAL)
+            return LogAck(msg.id, _FATAL, (), msg.version).encode()
+        try:
+            # fetch_log's budget is the whole LOG_ACK body, status word included.
+            entries = await self.directory.fetch_log(cns[0], msg.count, msg.version)
+        except Exception:
+            log.exception("SVP LOG_REQ for compute node %s: reading the log failed", cns[0])
+            self.metrics.svp_internal_errors["log"] += 1
+            self._count("log", _FATAL)
+            return LogAck(msg.id, _FATAL, (), msg.version).encode()
+        kept = _within_budget(entries, msg.count - 4, msg.version)
+        if len(kept) != len(entries):
+            log.error(
+                "Directory.fetch_log returned %d entries for a %d-byte LOG_ACK; sending %d",
+                len(entries),
+                msg.count,
+                len(kept),
+            )
+        self._count("log", _OK)
+        return LogAck(msg.id, _OK, tuple(kept), msg.version).encode()
+
+    async def _log_remove(self, msg: LogRemove) -> bytes:
+        try:
+            await self.directory.remove_log(list(msg.ids))
+        except Exception:
+            log.exception("SVP LOG_RM of %d ids: removing from the log failed", len(msg.ids))
+            self.metrics.svp_internal_errors["log_rm"] += 1
+            self._count("log_rm", _FATAL)
+            return LogRemoveAck(msg.id, _FATAL, msg.version).encode()
+        self._count("log_rm", _OK)
+        return LogRemoveAck(msg.id, _OK, msg.version).encode()
+
+
+def _frame_end(data: bytes, pos: int) -> int:
+    """End of the frame starting at ``pos``, or the end of ``data`` if it is not all there."""
+    if len(data) - pos < 16:
+        return len(data)
+    end = pos + 16 + int.from_bytes(data[pos + 4 : pos + 8], "big")
+    return end if end <= len(data) else len(data)
+
+
+def _within_budget(entries: Iterable[Any], budget: int, version: int) -> list[Any]:
+    """The leading entries whose sizes sum to at most ``budget``; ROUTE entries only for v2."""
+    kept = []
+    used = 0
+    for entry in entries:
+        if entry.TYPE == 3 and version < 2:
+            continue
+        size = LOG_ENTRY_SIZE[entry.TYPE]
+        if used + size > budget:
+            break
+        used += size
+        kept.append(entry)
+    return kept
+
+
+def _pack_records(record: struct.Struct, total: int, records: Iterable[tuple], room: int) -> bytes:
+    fit = max((room - 4) // record.size, 0)
+    pack = record.pack
+    return struct.pack(">I", total) + b"".join(pack(*r) for r in islice(records, fit))
+
+
+def _vl2_records(index: Any) -> tuple[int, Iterator[tuple[bytes, int, int, bytes]]]:
+    """(total, lazy (mac, vnet_id, port, ul_ip16) records) of every VL2 mapping.
+
+    LookupIndex has no public iteration yet, so this reads its tables (``_vl2``: mac << 24 |
+    vnet -> cn uuid; ``_cns``: cn uuid -> (port, ip16)) without copying them.
+    """
+    vl2, cns = index._vl2, index._cns
+
+    def records() -> Iterator[tuple[bytes, int, int, bytes]]:
+        for key, cn in vl2.items():
+            ul = cns.get(cn)
+            if ul is not None:
+                yield (key >> 24).to_bytes(6, "big"), key & 0xFFFFFF, ul[0], ul[1]
+
+    return len(vl2), records()
+
+
+def _vl3_records(index: Any) -> tuple[int, Iterator[tuple[bytes, int, bytes, int, bytes]]]:
+    """(total, lazy (ip16, vnet_id, mac, port, ul_ip16) records) of every VL3 mapping."""
+    vl3, vl2, cns = index._vl3, index._vl2, index._cns
+
+    def records() -> Iterator[tuple[bytes, int, bytes, int, bytes]]:
+        for key, k2 in vl3.items():
+            cn = vl2.get(k2)
+            ul = cns.get(cn) if cn is not None else None
+            if ul is not None:
+                mac = (k2 >> 24).to_bytes(6, "big")
+                yield (key >> 24).to_bytes(16, "big"), key & 0xFFFFFF, mac, ul[0], ul[1]
+
+    return len(vl3), records()
+
+
+def _ip_text(ip16: bytes) -> str:
+    from protocol.addr import ip_text
+
+    try:
+        return ip_text(ip16)
+    except ValueError:
+        return ip16.hex()
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except (OSError, AttributeError, ValueError):
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

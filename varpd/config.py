@@ -1,0 +1,336 @@
+"""The varpd TOML configuration.
+
+Top-level keys (all optional; defaults in brackets):
+
+    cn_uuid         this compute node's UUID ["" = unknown]
+    state_dir       folder of the instance state files [/var/lib/varpd]
+    control_socket  Unix socket path of the control API [/var/run/varpd/varpd.sock]; "" = none
+    metrics         host:port of the Prometheus endpoint [127.0.0.1:9339]; "" = none; port 0 ok
+    portolan_api    http(s) URL of portolan's API (firewall policy; not used yet)
+    backend         default data-path backend of the devices: "memory" | "udp" [memory]
+    lookup_workers  number of lookup worker tasks [2 * CPUs + 1]
+    lookup_timeout  seconds a plugin may take over one lookup before it is dropped [60]
+    log_level       DEBUG | INFO | WARNING | ERROR [INFO]
+
+    [[device]]      one overlay device + its varpd instance, created at start unless restored
+    name            link name (letters, digits, _ . -; starts with a letter; <= 31 chars)
+    vnetid          0..16777215
+    mtu             576..8900 [1400]
+    backend         "memory" | "udp" [top-level backend]; all devices of one daemon share one
+    search          search plugin: direct | files | svp
+    props           table: "<search>/..." properties go to the plugin (validated here),
+                    every other key (vxlan/listen_ip, vxlan/listen_port, ...) to the device
+
+    [[device.vnic]] a local VNIC on that device
+    mac             the VNIC's MAC
+    vlan_id         0..4094 [0]
+    tap             TAP device name (udp backend) [none]
+
+Unknown keys are refused, as are wrong types and values; every error names the key path, e.g.
+``device[0].vnic[1].mac: invalid MAC address 'zz'``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.addr import format_mac, parse_mac
+
+DEFAULT_STATE_DIR = "/var/lib/varpd"
+DEFAULT_CONTROL_SOCKET = "/var/run/varpd/varpd.sock"
+DEFAULT_METRICS = "127.0.0.1:9339"
+BACKENDS = ("memory", "udp")
+VNETID_MAX = 2**24 - 1
+MTU_MIN, MTU_MAX, MTU_DEFAULT = 576, 8900, 1400
+LINK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
+
+
+def default_workers() -> int:
+    return 2 * (os.cpu_count() or 1) + 1
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class VnicConfig:
+    mac: str  # canonical aa:bb:cc:dd:ee:ff
+    vlan_id: int = 0
+    tap: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    name: str
+    vnetid: int
+    search: str
+    mtu: int = MTU_DEFAULT
+    backend: str = "memory"
+    plugin_props: dict[str, object] = field(default_factory=dict)
+    device_props: dict[str, object] = field(default_factory=dict)
+    vnics: tuple[VnicConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class VarpdConfig:
+    cn_uuid: str = ""
+    state_dir: str = DEFAULT_STATE_DIR
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    metrics: str = DEFAULT_METRICS
+    portolan_api: str | None = None
+    backend: str = "memory"
+    lookup_workers: int = field(default_factory=default_workers)
+    lookup_timeout: float = 60.0
+    log_level: str = "INFO"
+    devices: tuple[DeviceConfig, ...] = ()
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        if not self.metrics:
+            return None
+        return parse_hostport(self.metrics, "metrics")
+
+
+def parse_hostport(text: str, key: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]")
+    n = int(port)
+    if not 0 <= n <= 65535:
+        raise ConfigError(key, f"port {n} is out of range 0..65535")
+    return host, n
+
+
+def _typed(d: dict[str, Any], key: str, path: str, kinds: type | tuple[type, ...]) -> Any:
+    value = d[key]
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise ConfigError(path, f"expected {_kind_name(kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise ConfigError(path, f"expected {_kind_name(kinds)}, got {value!r}")
+    return value
+
+
+def _kind_name(kinds: type | tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        dict: "a table",
+        list: "an array",
+        bool: "a boolean",
+    }
+    ks = kinds if isinstance(kinds, tuple) else (kinds,)
+    return " or ".join(names.get(k, k.__name__) for k in ks)
+
+
+def _unknown(d: dict[str, Any], allowed: set[str], prefix: str) -> None:
+    for key in d:
+        if key not in allowed:
+            path = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(path, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+
+
+def parse_vnic(d: object, path: str) -> VnicConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(path, "expected a table")
+    _unknown(d, {"mac", "vlan_id", "vlan", "tap"}, path)
+    if "mac" not in d:
+        raise ConfigError(f"{path}.mac", "missing required key")
+    mac_text = _typed(d, "mac", f"{path}.mac", str)
+    try:
+        mac = format_mac(parse_mac(mac_text))
+    except ValueError as exc:
+        raise ConfigError(f"{path}.mac", str(exc)) from None
+    vlan = 0
+    for vkey in ("vlan_id", "vlan"):
+        if vkey in d:
+            vlan = _typed(d, vkey, f"{path}.{vkey}", int)
+            if not 0 <= vlan <= 4094:
+                raise ConfigError(f"{path}.{vkey}", f"{vlan} is out of range 0..4094")
+    tap = None
+    if "tap" in d:
+        tap = _typed(d, "tap", f"{path}.tap", str) or None
+    return VnicConfig(mac, vlan, tap)
+
+
+def split_props(
+    search: str, props: dict[str, object]
+) -> tuple[dict[str, object], dict[str, object]]:
+    """(plugin props, device props): the ``<search>/`` prefix goes to the plugin (as dladm)."""
+    plugin: dict[str, object] = {}
+    device: dict[str, object] = {}
+    for key, value in props.items():
+        (plugin if key.startswith(search + "/") else device)[key] = value
+    return plugin, device
+
+
+def validate_plugin_props(search: str, props: dict[str, object], path: str) -> dict[str, object]:
+    """Validate ``<search>/...`` props against the plugin's specs (if it can be loaded)."""
+    from varpd.plugins import PLUGINS
+    from varpd.plugins.base import PropError
+
+    try:
+        cls = PLUGINS[search]
+    except KeyError:
+        raise ConfigError(
+            path.rsplit(".", 1)[0] + ".search",
+            f"unknown search plugin {search!r} (available: {', '.join(PLUGINS.available())})",
+        ) from None
+    out: dict[str, object] = {}
+    for key, value in props.items():
+        spec = cls.prop_spec(key)
+        if spec is None:
+            raise ConfigError(f"{path}.{key}", f"{search} has no property {key}")
+        try:
+            out[key] = spec.validate(value)
+        except PropError as exc:
+            raise ConfigError(f"{path}.{key}", exc.message) from None
+    return out
+
+
+def parse_device(d: object, path: str, default_backend: str) -> DeviceConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(path, "expected a table")
+    _unknown(d, {"name", "vnetid", "mtu", "backend", "search", "props", "vnic"}, path)
+    for key in ("name", "vnetid", "search"):
+        if key not in d:
+            raise ConfigError(f"{path}.{key}", "missing required key")
+    name = _typed(d, "name", f"{path}.name", str)
+    if not LINK_NAME.match(name):
+        raise ConfigError(f"{path}.name", f"{name!r} is not a valid link name")
+    vnetid = _typed(d, "vnetid", f"{path}.vnetid", int)
+    if not 0 <= vnetid <= VNETID_MAX:
+        raise ConfigError(f"{path}.vnetid", f"{vnetid} is out of range 0..{VNETID_MAX}")
+    mtu = MTU_DEFAULT
+    if "mtu" in d:
+        mtu = _typed(d, "mtu", f"{path}.mtu", int)
+        if not MTU_MIN <= mtu <= MTU_MAX:
+            raise ConfigError(f"{path}.mtu", f"{mtu} is out of range {MTU_MIN}..{MTU_MAX}")
+    backend = default_backend
+    if "backend" in d:
+        backend = _typed(d, "backend", f"{path}.backend", str)
+        if backend not in BACKENDS:
+            raise ConfigError(
+                f"{path}.backend", f"expected one of {', '.join(BACKENDS)}, got {backend!r}"
+            )
+    search = _typed(d, "search", f"{path}.search", str)
+    props = _typed(d, "props", f"{path}.props", dict) if "props" in d else {}
+    plugin_raw, device_props = split_props(search, props)
+    if "mtu" in device_props:
+        raise ConfigError(f"{path}.props.mtu", "set mtu with the device's mtu key")
+    plugin_props = validate_plugin_props(search, plugin_raw, f"{path}.props")
+    vnics_raw = _typed(d, "vnic", f"{path}.vnic", list) if "vnic" in d else []
+    vnics = tuple(parse_vnic(v, f"{path}.vnic[{i}]") for i, v in enumerate(vnics_raw))
+    seen: set[str] = set()
+    for i, v in enumerate(vnics):
+        if v.mac in seen:
+            raise ConfigError(f"{path}.vnic[{i}].mac", f"duplicate VNIC {v.mac}")
+        seen.add(v.mac)
+    return DeviceConfig(name, vnetid, search, mtu, backend, plugin_props, dict(device_props), vnics)
+
+
+def parse_config(data: dict[str, Any]) -> VarpdConfig:
+    """Build a `VarpdConfig` from a decoded TOML document, or raise `ConfigError`."""
+    allowed = {
+        "cn_uuid",
+        "state_dir",
+        "control_socket",
+        "metrics",
+        "portolan_api",
+        "backend",
+        "lookup_workers",
+        "lookup_timeout",
+        "log_level",
+        "device",
+    }
+    _unknown(data, allowed, "")
+    kw: dict[str, Any] = {}
+    if "cn_uuid" in data:
+        text = _typed(data, "cn_uuid", "cn_uuid", str)
+        if text:
+            try:
+                uuid.UUID(text)
+            except ValueError:
+                raise ConfigError("cn_uuid", f"{text!r} is not a UUID") from None
+        kw["cn_uuid"] = text
+    for key in ("state_dir", "control_socket"):
+        if key in data:
+            kw[key] = _typed(data, key, key, str)
+    if "state_dir" in kw and not kw["state_dir"]:
+        raise ConfigError("state_dir", "must not be empty")
+    if "metrics" in data:
+        kw["metrics"] = _typed(data, "metrics", "metrics", str)
+        if kw["metrics"]:
+            parse_hostport(kw["metrics"], "metrics")
+    if "portolan_api" in data:
+        api = _typed(data, "portolan_api", "portolan_api", str)
+        if api and not re.match(r"^https?://[^/\s]+", api):
+            raise ConfigError("portolan_api", f"expected an http(s) URL, got {api!r}")
+        kw["portolan_api"] = api or None
+    backend = "memory"
+    if "backend" in data:
+        backend = _typed(data, "backend", "backend", str)
+        if backend not in BACKENDS:
+            raise ConfigError("backend", f"expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if "lookup_workers" in data:
+        n = _typed(data, "lookup_workers", "lookup_workers", int)
+        if not 1 <= n <= 4096:
+            raise ConfigError("lookup_workers", f"{n} is out of range 1..4096")
+        kw["lookup_workers"] = n
+    if "lookup_timeout" in data:
+        t = _typed(data, "lookup_timeout", "lookup_timeout", (int, float))
+        if not t > 0:
+            raise ConfigError("lookup_timeout", "must be a positive number of seconds")
+        kw["lookup_timeout"] = float(t)
+    if "log_level" in data:
+        level = _typed(data, "log_level", "log_level", str).upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("log_level", f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        kw["log_level"] = level
+    devices_raw = _typed(data, "device", "device", list) if "device" in data else []
+    devices = tuple(parse_device(d, f"device[{i}]", backend) for i, d in enumerate(devices_raw))
+    names: set[str] = set()
+    vnetids: set[int] = set()
+    for i, dev in enumerate(devices):
+        if dev.name in names:
+            raise ConfigError(f"device[{i}].name", f"duplicate device name {dev.name!r}")
+        if dev.vnetid in vnetids:
+            raise ConfigError(f"device[{i}].vnetid", f"vnetid {dev.vnetid} is used twice")
+        names.add(dev.name)
+        vnetids.add(dev.vnetid)
+    backends = {dev.backend for dev in devices}
+    if len(backends) > 1:
+        raise ConfigError(
+            "device",
+            "all devices of one varpd must use the same backend "
+            f"(found {', '.join(sorted(backends))})",
+        )
+    kw["backend"] = backends.pop() if backends else backend
+    return VarpdConfig(devices=devices, **kw)
+
+
+def load_config(path: str | os.PathLike[str]) -> VarpdConfig:
+    """Read and validate a TOML file; `ConfigError` names the file problem or the key."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {p}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
+    return parse_config(data)

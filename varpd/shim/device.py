@@ -1,0 +1,369 @@
+"""One overlay device: properties, lifecycle state, its VNICs and its frame paths.
+
+The ``OverlayDriver`` owns devices and checks the rules that involve several of them
+(uniqueness, muxes, the miss queue); a device owns what is its own: property values, the
+target (a point or a ``TargetCache``), the VNICs and local switching, VLAN tagging, the MTU,
+and encapsulation. Nothing here awaits: every frame path is a plain synchronous call chain.
+"""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import TYPE_CHECKING, Any
+
+from protocol import vxlan
+from protocol.addr import format_mac, ip_from_wire, ip_to_wire
+
+from .backend import VnicPort
+from .target_cache import TargetCache, TargetEntry
+from .types import (
+    DROP,
+    VALID,
+    Direction,
+    FrameFilter,
+    InvalidArgument,
+    NoSuchProperty,
+    NotSupported,
+    Point,
+    ReadOnlyProperty,
+    TargetMode,
+)
+
+if TYPE_CHECKING:
+    from .driver import OverlayDriver
+    from .mux import Mux
+
+MTU_DEFAULT = 1400
+MTU_MIN = 576
+MTU_MAX = 8900
+VXLAN_PORT_DEFAULT = vxlan.IANA_PORT
+PROPERTY_NAMES = ("mtu", "vnetid", "encap", "varpd/id", "vxlan/listen_ip", "vxlan/listen_port")
+
+_TPID = b"\x81\x00"
+
+DEVICE_COUNTERS = (
+    "tx_frames",  # encapsulated and handed to the backend
+    "tx_bytes",  # inner bytes of those
+    "tx_queued",  # frames that waited in the target cache for an answer
+    "tx_drop_inactive",  # device not activated / not in a mux
+    "tx_drop_runt",  # shorter than an Ethernet header
+    "tx_drop_mtu",  # inner frame larger than mtu + 14 (+4 tagged)
+    "tx_drop_tagged",  # the guest sent an 802.1Q-tagged frame (tenant side is untagged)
+    "tx_drop_cache",  # destination cached as DROP
+    "tx_drop_queue_full",  # 128 KiB per-entry miss queue full (tail drop)
+    "tx_drop_lookup_queue_full",  # driver-wide miss limits reached
+    "tx_drop_lookup",  # varpd answered DROP (head frame)
+    "tx_drop_bad_header",  # head frame with an unparsable L2 header
+    "tx_drop_backend",  # the backend refused the datagram
+    "tx_drop_flushed",  # queued frames discarded by delete / re-association
+    "rx_frames",  # decapsulated frames accepted for this device
+    "rx_bytes",
+    "rx_drop_runt",
+    "rx_drop_spoofed",  # inner source MAC cached at another underlay IP
+    "rx_unclaimed",  # unicast to no local VNIC on that VLAN
+    "local_frames",  # frames switched between local VNICs (per receiving VNIC)
+    "filter_drop_out",
+    "filter_drop_in",
+    "injected",
+    "resent",
+    "lookups",  # requests handed to varpd
+)
+
+VNIC_COUNTERS = ("tx_frames", "rx_frames", "rx_drop_full", "filter_drop_out", "filter_drop_in")
+
+
+def validate_listen_ip(value: object) -> bytes:
+    """vxlan/listen_ip: 16 wire bytes, refusing what overlay_vxlan.c refuses."""
+    if isinstance(value, bytes | bytearray):
+        if len(value) != 16:
+            raise InvalidArgument(
+                f"vxlan/listen_ip must be a 16-byte IPv6 (or v4-mapped) address, got {len(value)} bytes"
+            )
+        wire = bytes(value)
+    elif isinstance(value, str | IPv4Address | IPv6Address):
+        try:
+            wire = ip_to_wire(value if not isinstance(value, str) else ip_address(value.strip()))
+        except ValueError:
+            raise InvalidArgument(f"vxlan/listen_ip {value!r} is not an IP address") from None
+    else:
+        raise InvalidArgument(f"vxlan/listen_ip must be an IP address, not {type(value).__name__}")
+    v6 = IPv6Address(wire)
+    if wire[:12] == b"\x00" * 12 and int.from_bytes(wire[12:], "big") > 1:
+        raise InvalidArgument(f"vxlan/listen_ip {v6} is an IPv4-compatible address; use IPv4")
+    if v6.is_multicast:
+        raise InvalidArgument(f"vxlan/listen_ip {v6} is a multicast address")
+    if v6.sixtofour is not None:
+        raise InvalidArgument(f"vxlan/listen_ip {v6} is a 6to4 address")
+    if v6.ipv4_mapped is not None and v6.ipv4_mapped.is_multicast:
+        raise InvalidArgument(f"vxlan/listen_ip {v6.ipv4_mapped} is a multicast address")
+    return wire
+
+
+def _uint(prop: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidArgument(f"{prop} must be an unsigned integer, not {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidArgument(f"{prop} must be an unsigned integer, not {value!r}") from None
+    if number < 0:
+        raise InvalidArgument(f"{prop} must be an unsigned integer, not {number}")
+    return number
+
+
+class Vnic:
+    """A VNIC on an overlay device: its MAC, VLAN, tenant-side port and firewall hook."""
+
+    def __init__(self, device: OverlayDevice, mac: bytes, vlan: int, port: VnicPort) -> None:
+        self.device = device
+        self.mac = mac
+        self.vlan = vlan
+        self.port = port
+        self.filter: FrameFilter | None = None
+        self.counters: dict[str, int] = dict.fromkeys(VNIC_COUNTERS, 0)
+        self.tag = _TPID + struct.pack(">H", vlan) if vlan else b""
+
+    def __repr__(self) -> str:
+        return f"<Vnic {format_mac(self.mac)} vlan {self.vlan} on {self.device.name}>"
+
+    def transmit(self, frame: bytes) -> None:
+        """A frame from the guest (untagged); installed as the port's transmit callback."""
+        if not isinstance(frame, bytes):
+            frame = bytes(frame)
+        flt = self.filter
+        if flt is not None and not flt.check(frame, Direction.OUT):
+            self.counters["filter_drop_out"] += 1
+            self.device.counters["filter_drop_out"] += 1
+            return
+        self.counters["tx_frames"] += 1
+        self.device.from_guest(self, frame)
+
+    def to_guest(self, frame: bytes, filtered: bool = True) -> None:
+        flt = self.filter
+        if filtered and flt is not None and not flt.check(frame, Direction.IN):
+            self.counters["filter_drop_in"] += 1
+            self.device.counters["filter_drop_in"] += 1
+            return
+        if self.port.deliver(frame):
+            self.counters["rx_frames"] += 1
+        else:
+            self.counters["rx_drop_full"] += 1
+
+
+class OverlayDevice:
+    """State of one overlay link; see the package docstring for the lifecycle."""
+
+    def __init__(self, driver: OverlayDriver, name: str, vnet_id: int, encap: str) -> None:
+        self.driver = driver
+        self.name = name
+        self.vnet_id = vnet_id
+        self.encap = encap
+        self.mtu = MTU_DEFAULT
+        self.listen_ip: bytes | None = None
+        self.listen_port = VXLAN_PORT_DEFAULT
+        self.activated = False
+        self.associated = False
+        self.varpd_id: int | None = None
+        self.mode = TargetMode.NONE
+        self.point: Point | None = None
+        self.cache: TargetCache | None = None
+        self.parked: list[TargetEntry] = []  # misses waiting for a varpd to associate
+        self.degraded = False
+        self.message = ""
+        self.mux: Mux | None = None
+        self.vnics: dict[bytes, Vnic] = {}
+        self.by_vlan: dict[int, list[Vnic]] = {}
+        self.counters: dict[str, int] = dict.fromkeys(DEVICE_COUNTERS, 0)
+        self._listen: Point | None = None
+        self._header = vxlan.encode_header(vnet_id)
+        self._max_frame = self.mtu + 14
+
+    # ------------------------------------------------------------------ properties
+
+    def get_props(self) -> dict[str, Any]:
+        return {
+            "mtu": self.mtu,
+            "vnetid": self.vnet_id,
+            "encap": self.encap,
+            "varpd/id": self.varpd_id,
+            "vxlan/listen_ip": None
+            if self.listen_ip is None
+            else str(ip_from_wire(self.listen_ip)),
+            "vxlan/listen_port": self.listen_port,
+        }
+
+    def set_prop(self, prop: str, value: object) -> None:
+        if prop not in PROPERTY_NAMES:
+            raise NoSuchProperty(
+                f"overlay {self.name} has no property {prop!r}; known: {', '.join(PROPERTY_NAMES)}"
+            )
+        if self.activated:
+            raise NotSupported(
+                f"overlay {self.name} is activated; its properties can no longer be changed"
+            )
+        if prop in ("encap", "varpd/id"):
+            raise ReadOnlyProperty(f"property {prop} of overlay {self.name} is read-only")
+        if prop == "mtu":
+            mtu = _uint(prop, value)
+            if not MTU_MIN <= mtu <= MTU_MAX:
+                raise InvalidArgument(f"mtu must be {MTU_MIN}..{MTU_MAX}, got {mtu}")
+            self.mtu = mtu
+            self._max_frame = mtu + 14
+        elif prop == "vnetid":
+            vid = _uint(prop, value)
+            # illumos quirk (§9.2), kept: setprop refuses 2^24-1 although create accepts it.
+            if vid >= vxlan.VNI_MAX:
+                raise InvalidArgument(f"vnetid must be below {vxlan.VNI_MAX}, got {vid}")
+            self.driver.check_vnet_id_free(vid, self.encap, self)
+            self.vnet_id = vid
+            self._header = vxlan.encode_header(vid)
+        elif prop == "vxlan/listen_ip":
+            self.listen_ip = validate_listen_ip(value)
+        elif prop == "vxlan/listen_port":
+            port = _uint(prop, value)
+            if not 1 <= port <= 65535:
+                raise InvalidArgument(f"vxlan/listen_port must be 1..65535, got {port}")
+            self.listen_port = port
+
+    def listen_point(self) -> Point:
+        assert self.listen_ip is not None
+        return Point(self.listen_ip, self.listen_port)
+
+    def joined(self, mux: Mux | None) -> None:
+        self.mux = mux
+        self._listen = None if mux is None else mux.listen
+
+    # ------------------------------------------------------------------ target
+
+    def request_lookup(self, entry: TargetEntry) -> None:
+        """Queue a PENDING entry for varpd (or park it until a varpd associates)."""
+        if self.associated:
+            self.driver.misses.push(entry)
+        else:
+            self.parked.append(entry)
+            self.driver.misses.parked += 1
+
+    def unpark(self) -> None:
+        misses = self.driver.misses
+        misses.parked -= len(self.parked)
+        for entry in self.parked:
+            if entry.cache is not None:
+                misses.push(entry)
+        self.parked.clear()
+
+    # ------------------------------------------------------------------ tx path
+
+    def from_guest(self, vnic: Vnic, frame: bytes) -> None:
+        """Switch a guest frame locally and/or send it to the overlay."""
+        if len(frame) < 14:
+            self.counters["tx_drop_runt"] += 1
+            return
+        if len(frame) > self._max_frame:
+            self.counters["tx_drop_mtu"] += 1
+            return
+        if frame[12:14] == _TPID:
+            # The tenant side is untagged: a guest-made tag would let it hop VLANs.
+            self.counters["tx_drop_tagged"] += 1
+            return
+        dst = frame[:6]
+        if dst[0] & 1:
+            for other in self.by_vlan.get(vnic.vlan, ()):
+                if other is not vnic:
+                    self.counters["local_frames"] += 1
+                    other.to_guest(frame)
+        else:
+            other = self.vnics.get(dst)
+            if other is not None and other.vlan == vnic.vlan:
+                self.counters["local_frames"] += 1
+                other.to_guest(frame)
+                return
+        if vnic.vlan:
+            frame = frame[:12] + vnic.tag + frame[12:]
+        self.overlay_tx(frame)
+
+    def overlay_tx(self, frame: bytes) -> None:
+        """The overlay transmit path (overlay_m_tx): target lookup, then encap and send."""
+        if self.mux is None:
+            self.counters["tx_drop_inactive"] += 1
+            return
+        if len(frame) < 14:
+            self.counters["tx_drop_runt"] += 1
+            return
+        limit = self._max_frame + 4 if frame[12:14] == _TPID else self._max_frame
+        if len(frame) > limit:
+            self.counters["tx_drop_mtu"] += 1
+            return
+        cache = self.cache
+        if cache is None:
+            if self.point is None:
+                self.counters["tx_drop_inactive"] += 1
+            else:
+                self.encap_send(frame, self.point)
+            return
+        dst = frame[:6]
+        entry = cache.entries.get(dst)
+        if entry is not None:
+            flags = entry.flags
+            if flags & DROP:
+                self.counters["tx_drop_cache"] += 1
+                return
+            if flags & VALID:
+                self.encap_send(frame, entry.point)  # type: ignore[arg-type]
+                return
+        cache.miss(dst, frame, entry)
+
+    def encap_send(self, frame: bytes, point: Point) -> None:
+        if self._listen is None:
+            self.counters["tx_drop_inactive"] += 1
+            return
+        if self.driver.backend.send(
+            self._listen, point, self._header + frame, vxlan.flow_hash(frame)
+        ):
+            self.counters["tx_frames"] += 1
+            self.counters["tx_bytes"] += len(frame)
+        else:
+            self.counters["tx_drop_backend"] += 1
+
+    # ------------------------------------------------------------------ rx path
+
+    def receive(self, inner: bytes, source: Point) -> None:
+        """A decapsulated frame from the mux; ``source`` is the outer sender."""
+        if len(inner) < 14:
+            self.counters["rx_drop_runt"] += 1
+            return
+        cache = self.cache
+        if cache is not None:
+            entry = cache.entries.get(inner[6:12])
+            if (
+                entry is not None
+                and entry.flags & VALID
+                and entry.point is not None
+                and entry.point.ip != source.ip
+            ):
+                self.counters["rx_drop_spoofed"] += 1
+                return
+        self.counters["rx_frames"] += 1
+        self.counters["rx_bytes"] += len(inner)
+        self.deliver_up(inner, True)
+
+    def deliver_up(self, frame: bytes, filtered: bool) -> None:
+        """Hand a (possibly tagged) frame to the VNICs of its VLAN, untagged."""
+        if frame[12:14] == _TPID:
+            if len(frame) < 18:
+                self.counters["rx_drop_runt"] += 1
+                return
+            vlan = ((frame[14] << 8) | frame[15]) & 0x0FFF
+            frame = frame[:12] + frame[16:]
+        else:
+            vlan = 0
+        dst = frame[:6]
+        if dst[0] & 1:
+            for vnic in self.by_vlan.get(vlan, ()):
+                vnic.to_guest(frame, filtered)
+            return
+        vnic = self.vnics.get(dst)
+        if vnic is not None and vnic.vlan == vlan:
+            vnic.to_guest(frame, filtered)
+        else:
+            self.counters["rx_unclaimed"] += 1
