@@ -7,26 +7,40 @@ with a few dict probes and never touches disk. ``load(snapshot)`` builds it from
 ``store.Snapshot``; after every committed change the Directory calls ``apply(change)`` with an
 ``IndexChange`` listing what was written (and the previous state of every VNIC it replaced or
 removed), before the call that made the change returns. So an answer is never older than the
-last change committed by this process.
+last change committed by this process. A full (re)load can be built off the trio thread:
+``prepare(snapshot)`` (pure, touches nothing shared) in a worker thread, then
+``install(prepared)`` on the owning thread swaps it in with no await in between.
 
-Layout (chosen for the hot path and for a million VNICs in modest memory: no object per VNIC,
-just two dict entries keyed by plain ints):
+Layout: keyed by the request's own wire bytes, so the SVP server's lookup lane probes with a
+slice of the frame (no int or tuple building), and with as few objects per lookup as
+possible (at a million VNICs every object touched is a cache and TLB miss):
 
-- ``_cns``:   cn_uuid -> (ul port, ul ip16)
+- every CN gets a small int *slot* for the life of the tables (``_slot``: uuid -> slot; the
+  slot int objects are shared, one per CN). Per slot: ``_uuid``, ``_ul`` ((port, ip16) or
+  None once the CN is removed), ``_vl2_body`` (the whole VL2_ACK body of an OK answer:
+  status u16 0, port u16, ip16; 20 bytes), ``_vl2_zbody`` (the same behind 4 zero bytes: the
+  reply's CRC runs over its zeroed CRC field and body) and ``_tail`` (port u16 + ip16, the
+  end of a VL3_ACK body).
+- ``_vl2``: ``mac[6] 00 00 vnet u32`` (12 bytes: the VL2_REQ body with its pad zeroed) -> slot.
+- ``_vl3``: ``ip16 type u32 vnet u32`` (24 bytes: the VL3_REQ body with the canonical type,
+  IP for v4-mapped addresses and IPV6 otherwise, as varpd sends) -> ``00 00 00 00 mac[6]
+  slot u32`` (one 14-byte object per VNIC; its first 10 bytes start the VL3_ACK body).
 - ``_by_ul``: ul ip16 -> [cn_uuid, ...] (unique in practice; a list so duplicates can be seen)
-- ``_vl2``:   (mac_int << 24 | vnet_id) -> cn_uuid (interned: one string per CN)
-- ``_vl3``:   (ip_int << 24 | vnet_id) -> the VNIC's ``_vl2`` key (the same int object)
 - ``_routes``: (vnet_id, vlan_id) -> [compiled route, ...] most specific first
 
-A VL2 answer resolves the VNIC's CN at lookup time, so a CN's underlay change is one dict
-write whatever the number of its VNICs. VL3 goes ip -> vl2 key -> CN; the MAC is the key's
-upper bits.
+A VL2 hit is one dict probe and one list index; a VL3 hit one dict probe, one 14-byte value
+and one list index. Answers go through the CN's slot, so a CN's underlay change is a few
+list writes whatever the number of its VNICs.
 
 Invariants
 ----------
-- vnet ids are < 2**24 (the VXLAN VNI); a lookup with a larger vnet id misses (it would
-  otherwise alias another key).
-- Every ``_vl3`` value is a key of ``_vl2``; ``apply`` removes before it adds.
+- vnet ids are < 2**24 (the VXLAN VNI): a VNIC with a larger one is not indexed and a lookup
+  with one misses.
+- Every ``_vl3`` value names the ``_vl2`` entry of the same (mac, vnet) with the same slot
+  (``apply`` removes before it adds; a VNIC put writes both).
+- A slot, once given to a CN uuid, is that CN's until the next ``load``; removing the CN only
+  clears the slot's ``_ul`` / ``_vl2_body`` / ``_vl2_zbody`` / ``_tail`` (its VNICs then
+  miss).
 - ``version`` is the store version the index reflects (the last applied change's).
 - Only the owning trio thread mutates the index; lookups are plain reads (no awaits), so a
   lookup never sees half of a change.
@@ -36,12 +50,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
-from protocol.addr import ip_to_wire, mac_to_int
+from protocol.addr import ip_to_wire
 
 from .model import ComputeNode, Route, RouteAnswer, Vnic
 
@@ -107,39 +123,92 @@ def _ack_prefixlen(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
     return net.prefixlen  # IPv4 terms for IPv4 subnets (ROUTE_ACK, spec/svp.md §5)
 
 
+_K2 = struct.Struct(">HI2xI")  # mac (hi16, lo32), vnet: the VL2 key from a mac int
+_K3_TAIL = struct.Struct(">II")  # type, vnet: the end of a VL3 key
+_V3 = struct.Struct(">4x6sI")  # (status 0), mac, slot: a VL3 value
+_V3_INT = struct.Struct(">4xHII")  # the same from a mac int
+_VL2_BODY = struct.Struct(">HH16s")  # status, port, ip16
+_TAIL = struct.Struct(">H16s")  # port, ip16
+_V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
+_TYPE_IP = 1  # VL3Type.IP
+_TYPE_IPV6 = 2  # VL3Type.IPV6
+_MAC_HI = 0xFFFF << 32
+
+
+def _ip16(text: str) -> bytes:
+    if ":" in text:
+        return socket.inet_pton(socket.AF_INET6, text)
+    return _V4_PREFIX + socket.inet_aton(text)
+
+
+def vl2_key(mac: bytes, vnet_id: int) -> bytes:
+    """The ``_vl2`` key: the VL2_REQ body (mac, zero pad, vnet u32)."""
+    return mac + b"\x00\x00" + vnet_id.to_bytes(4, "big")
+
+
+def vl3_key(ip16: bytes, vnet_id: int) -> bytes:
+    """The ``_vl3`` key: the VL3_REQ body with the canonical ip type."""
+    kind = _TYPE_IP if ip16[:12] == _V4_PREFIX else _TYPE_IPV6
+    return ip16 + _K3_TAIL.pack(kind, vnet_id)
+
+
+@dataclass(slots=True)
+class PreparedIndex:
+    """A whole index built by ``LookupIndex.prepare`` (any thread), for ``install``."""
+
+    version: int
+    slot: dict[str, int]
+    uuid: list[str]
+    ul: list[tuple[int, bytes] | None]
+    vl2_body: list[bytes | None]
+    vl2_zbody: list[bytes | None]
+    tail: list[bytes | None]
+    by_ul: dict[bytes, list[str]]
+    vl2: dict[bytes, int]
+    vl3: dict[bytes, bytes]
+    routes: dict[tuple[int, int], list[_CompiledRoute]]
+
+
 class LookupIndex:
     def __init__(self) -> None:
-        self.version = 0
-        self._cns: dict[str, tuple[int, bytes]] = {}
-        self._by_ul: dict[bytes, list[str]] = {}
-        self._vl2: dict[int, str] = {}
-        self._vl3: dict[int, int] = {}
-        self._routes: dict[tuple[int, int], list[_CompiledRoute]] = {}
+        self.install(self.prepare(_EMPTY))
 
     # -- lookups (the SVP hot path) -----------------------------------------------------------
     def vl2(self, mac: bytes, vnet_id: int) -> tuple[int, bytes] | None:
         """(ul port, ul ip16) of the CN holding ``mac`` in ``vnet_id``, or None."""
         if not 0 <= vnet_id < VNET_LIMIT or len(mac) != 6:
             return None
-        cn = self._vl2.get(int.from_bytes(mac, "big") << 24 | vnet_id)
-        if cn is None:
+        slot = self._vl2.get(bytes(mac) + b"\x00\x00" + vnet_id.to_bytes(4, "big"))
+        if slot is None:
             return None
-        return self._cns.get(cn)
+        return self._ul[slot]
 
     def vl3(self, ip16: bytes, vnet_id: int) -> tuple[bytes, int, bytes] | None:
         """(mac, ul port, ul ip16) for overlay IP ``ip16`` (16 wire bytes) in ``vnet_id``."""
         if not 0 <= vnet_id < VNET_LIMIT or len(ip16) != 16:
             return None
-        k2 = self._vl3.get(int.from_bytes(ip16, "big") << 24 | vnet_id)
-        if k2 is None:
+        v = self._vl3.get(vl3_key(bytes(ip16), vnet_id))
+        if v is None:
             return None
-        cn = self._vl2.get(k2)
-        if cn is None:
-            return None
-        ul = self._cns.get(cn)
+        mac, slot = _V3.unpack(v)
+        ul = self._ul[slot]
         if ul is None:
             return None
-        return ((k2 >> 24).to_bytes(6, "big"), ul[0], ul[1])
+        return (mac, ul[0], ul[1])
+
+    def wire_tables(
+        self,
+    ) -> tuple[
+        dict[bytes, int],
+        list[bytes | None],
+        list[bytes | None],
+        dict[bytes, bytes],
+        list[bytes | None],
+    ]:
+        """(``_vl2``, ``_vl2_body``, ``_vl2_zbody``, ``_vl3``, ``_tail``) for the SVP server's
+        lookup lane, which probes them with slices of request frames (layout in the module
+        docstring). Valid until the caller next awaits (``install`` replaces them); read-only."""
+        return self._vl2, self._vl2_body, self._vl2_zbody, self._vl3, self._tail
 
     def cns_for_underlay_ip(self, ip16: bytes) -> list[str]:
         """The CN(s) whose underlay address is ``ip16`` (LOG_REQ needs exactly one)."""
@@ -147,7 +216,8 @@ class LookupIndex:
 
     def cn(self, uuid: str) -> tuple[int, bytes] | None:
         """(ul port, ul ip16) of a CN."""
-        return self._cns.get(uuid)
+        slot = self._slot.get(uuid)
+        return None if slot is None else self._ul[slot]
 
     def route(self, vnet_id: int, vlan: int, src16: bytes, dst16: bytes) -> RouteAnswer | None:
         """ROUTE_REQ: the most specific route of (vnet, vlan) whose subnet holds ``src16``
@@ -189,22 +259,42 @@ class LookupIndex:
 
     # -- iteration (BULK, admin) ------------------------------------------------------------
     def vl2_items(self) -> Iterator[tuple[bytes, int, int, bytes]]:
-        """Every resolvable VL2 mapping as (mac, vnet_id, ul port, ul ip16)."""
-        cns = self._cns
-        for key, cn in list(self._vl2.items()):
-            ul = cns.get(cn)
-            if ul is not None:
-                yield (key >> 24).to_bytes(6, "big"), key & 0xFFFFFF, ul[0], ul[1]
+        """Every resolvable VL2 mapping as (mac, vnet_id, ul port, ul ip16). Safe across
+        changes (iterates a copy); ``vl2_records`` is the cheap form for a bounded count."""
+        return self._vl2_iter(list(self._vl2.items()))
 
     def vl3_items(self) -> Iterator[tuple[bytes, int, bytes, int, bytes]]:
         """Every resolvable VL3 mapping as (ip16, vnet_id, mac, ul port, ul ip16)."""
-        vl2, cns = self._vl2, self._cns
-        for key, k2 in list(self._vl3.items()):
-            cn = vl2.get(k2)
-            ul = cns.get(cn) if cn is not None else None
+        return self._vl3_iter(list(self._vl3.items()))
+
+    def vl2_records(self, limit: int) -> tuple[int, list[tuple[bytes, int, int, bytes]]]:
+        """(number of VL2 mappings held, the first ``limit`` resolvable ones as ``vl2_items``
+        yields them, in the index's iteration order), without copying the table."""
+        return len(self._vl2), list(islice(self._vl2_iter(self._vl2.items()), max(limit, 0)))
+
+    def vl3_records(self, limit: int) -> tuple[int, list[tuple[bytes, int, bytes, int, bytes]]]:
+        """(number of VL3 mappings held, the first ``limit`` resolvable ones)."""
+        return len(self._vl3), list(islice(self._vl3_iter(self._vl3.items()), max(limit, 0)))
+
+    def _vl2_iter(
+        self, items: Iterable[tuple[bytes, int]]
+    ) -> Iterator[tuple[bytes, int, int, bytes]]:
+        ul_of = self._ul
+        for key, slot in items:
+            ul = ul_of[slot]
             if ul is not None:
-                mac = (k2 >> 24).to_bytes(6, "big")
-                yield (key >> 24).to_bytes(16, "big"), key & 0xFFFFFF, mac, ul[0], ul[1]
+                yield key[:6], int.from_bytes(key[8:], "big"), ul[0], ul[1]
+
+    def _vl3_iter(
+        self, items: Iterable[tuple[bytes, bytes]]
+    ) -> Iterator[tuple[bytes, int, bytes, int, bytes]]:
+        ul_of = self._ul
+        unpack = _V3.unpack
+        for key, v in items:
+            mac, slot = unpack(v)
+            ul = ul_of[slot]
+            if ul is not None:
+                yield key[:16], int.from_bytes(key[20:], "big"), mac, ul[0], ul[1]
 
     # -- sizes, for metrics and tests -------------------------------------------------------
     def __len__(self) -> int:
@@ -212,7 +302,7 @@ class LookupIndex:
 
     def stats(self) -> dict[str, int]:
         return {
-            "cns": len(self._cns),
+            "cns": sum(ul is not None for ul in self._ul),
             "vnics": len(self._vl2),
             "vl3": len(self._vl3),
             "routes": sum(len(v) for v in self._routes.values()),
@@ -221,35 +311,62 @@ class LookupIndex:
 
     # -- maintenance --------------------------------------------------------------------------
     def load(self, snapshot: Any) -> None:
-        """Replace the whole index with the contents of a ``store.Snapshot``."""
-        cns: dict[str, tuple[int, bytes]] = {}
-        by_ul: dict[bytes, list[str]] = {}
+        """Replace the whole index with the contents of a ``store.Snapshot``
+        (``install(prepare(snapshot))``; build it in a worker thread to keep it off the
+        event loop)."""
+        self.install(self.prepare(snapshot))
+
+    @staticmethod
+    def prepare(snapshot: Any) -> PreparedIndex:
+        """Build a whole index from a ``store.Snapshot``. Pure: safe in a worker thread."""
+        p = PreparedIndex(snapshot.version, {}, [], [], [], [], [], {}, {}, {}, {})
         for cn in snapshot.cns:
-            uuid = sys.intern(cn.uuid)
-            ul = ip_to_wire(cn.ip)
-            cns[uuid] = (cn.port, ul)
-            by_ul.setdefault(ul, []).append(uuid)
-        vl2: dict[int, str] = {}
-        vl3: dict[int, int] = {}
-        intern = sys.intern
+            _set_cn(p, cn)
+        slot_of = p.slot
+        vl2: dict[bytes, int] = {}
+        vl3: dict[bytes, bytes] = {}
+        k2_pack, k3_pack, v3_pack = _K2.pack, _K3_TAIL.pack, _V3_INT.pack
+        v4_prefix = _V4_PREFIX
+        inet_aton = socket.inet_aton
+        inet_pton, af6 = socket.inet_pton, socket.AF_INET6
         for mac, ip, vnet, cn_uuid in snapshot.vnics:
-            k2 = mac << 24 | vnet
-            vl2[k2] = intern(cn_uuid)
-            vl3[ip_int(ip) << 24 | vnet] = k2
-        routes: dict[tuple[int, int], list[_CompiledRoute]] = {}
+            if not 0 <= vnet < VNET_LIMIT:
+                continue
+            slot = slot_of.get(cn_uuid)
+            if slot is None:
+                slot = _new_slot(p, sys.intern(cn_uuid))
+            hi, lo = mac >> 32, mac & 0xFFFFFFFF
+            vl2[k2_pack(hi, lo, vnet)] = slot
+            if ":" in ip:
+                ip16 = inet_pton(af6, ip)
+                kind = _TYPE_IP if ip16[:12] == v4_prefix else _TYPE_IPV6
+            else:
+                ip16 = v4_prefix + inet_aton(ip)
+                kind = _TYPE_IP
+            vl3[ip16 + k3_pack(kind, vnet)] = v3_pack(hi, lo, slot)
+        p.vl2, p.vl3 = vl2, vl3
         for r in snapshot.routes:
-            routes.setdefault((r.vnet_id, r.vlan_id), []).append(_compile(r))
-        for lst in routes.values():
+            p.routes.setdefault((r.vnet_id, r.vlan_id), []).append(_compile(r))
+        for lst in p.routes.values():
             lst.sort(key=_route_order)
-        self._cns, self._by_ul, self._vl2, self._vl3, self._routes = cns, by_ul, vl2, vl3, routes
-        self.version = snapshot.version
+        return p
+
+    def install(self, p: PreparedIndex) -> None:
+        """Make ``p`` (from ``prepare``) the whole index. No await inside: atomic for trio."""
+        self._slot, self._uuid, self._ul = p.slot, p.uuid, p.ul
+        self._vl2_body, self._vl2_zbody, self._tail = p.vl2_body, p.vl2_zbody, p.tail
+        self._by_ul = p.by_ul
+        self._vl2, self._vl3, self._routes = p.vl2, p.vl3, p.routes
+        self.version = p.version
+        self._prepared = p
 
     def apply(self, change: IndexChange) -> None:
         """Apply one committed change (removals first, then puts)."""
+        p = self._prepared
         for uuid in change.cns_removed:
-            self._drop_cn(uuid)
+            _drop_cn(p, uuid)
         for cn in change.cns_put:
-            self._put_cn(cn)
+            _set_cn(p, cn)
         for v in change.vnics_removed:
             self._drop_vnic(v)
         self._put_vnics(change.vnics_put)
@@ -263,36 +380,25 @@ class LookupIndex:
         if change.version > self.version:
             self.version = change.version
 
-    def _put_cn(self, cn: ComputeNode) -> None:
-        self._drop_cn(cn.uuid)
-        uuid = sys.intern(cn.uuid)
-        ul = ip_to_wire(cn.ip)
-        self._cns[uuid] = (cn.port, ul)
-        self._by_ul.setdefault(ul, []).append(uuid)
-
-    def _drop_cn(self, uuid: str) -> None:
-        old = self._cns.pop(uuid, None)
-        if old is None:
-            return
-        lst = self._by_ul.get(old[1])
-        if lst is not None:
-            if uuid in lst:
-                lst.remove(uuid)
-            if not lst:
-                del self._by_ul[old[1]]
-
     def _drop_vnic(self, v: Vnic) -> None:
-        k2 = mac_to_int(v.mac) << 24 | v.vnet_id
-        self._vl2.pop(k2, None)
-        k3 = ip_int(v.ip) << 24 | v.vnet_id
-        if self._vl3.get(k3) == k2:
+        if not 0 <= v.vnet_id < VNET_LIMIT:
+            return
+        self._vl2.pop(vl2_key(v.mac, v.vnet_id), None)
+        k3 = vl3_key(_ip16(v.ip), v.vnet_id)
+        held = self._vl3.get(k3)
+        if held is not None and held[4:10] == v.mac:
             del self._vl3[k3]
 
     def _put_vnics(self, vnics: Iterable[Vnic]) -> None:
+        p = self._prepared
         for v in vnics:
-            k2 = mac_to_int(v.mac) << 24 | v.vnet_id
-            self._vl2[k2] = sys.intern(v.cn_uuid)
-            self._vl3[ip_int(v.ip) << 24 | v.vnet_id] = k2
+            if not 0 <= v.vnet_id < VNET_LIMIT:
+                continue
+            slot = p.slot.get(v.cn_uuid)
+            if slot is None:
+                slot = _new_slot(p, sys.intern(v.cn_uuid))
+            self._vl2[vl2_key(v.mac, v.vnet_id)] = slot
+            self._vl3[vl3_key(_ip16(v.ip), v.vnet_id)] = _V3.pack(v.mac, slot)
 
     def _drop_route(self, key: tuple[int, int, str, str]) -> None:
         lst = self._routes.get((key[0], key[1]))
@@ -303,4 +409,65 @@ class LookupIndex:
             del self._routes[(key[0], key[1])]
 
 
-__all__ = ["IndexChange", "LookupIndex", "RouteAnswer", "ip_int"]
+def _new_slot(p: PreparedIndex, uuid: str) -> int:
+    """Give ``uuid`` a slot (no address yet: its VNICs miss until the CN is put)."""
+    slot = len(p.uuid)
+    p.slot[uuid] = slot
+    p.uuid.append(uuid)
+    p.ul.append(None)
+    p.vl2_body.append(None)
+    p.vl2_zbody.append(None)
+    p.tail.append(None)
+    return slot
+
+
+def _set_cn(p: PreparedIndex, cn: ComputeNode) -> None:
+    _drop_cn(p, cn.uuid)
+    uuid = sys.intern(cn.uuid)
+    slot = p.slot.get(uuid)
+    if slot is None:
+        slot = _new_slot(p, uuid)
+    ul = ip_to_wire(cn.ip)
+    p.ul[slot] = (cn.port, ul)
+    p.vl2_body[slot] = body = _VL2_BODY.pack(0, cn.port, ul)
+    p.vl2_zbody[slot] = bytes(4) + body
+    p.tail[slot] = _TAIL.pack(cn.port, ul)
+    p.by_ul.setdefault(ul, []).append(uuid)
+
+
+def _drop_cn(p: PreparedIndex, uuid: str) -> None:
+    slot = p.slot.get(uuid)
+    if slot is None:
+        return
+    old = p.ul[slot]
+    if old is None:
+        return
+    p.ul[slot] = p.vl2_body[slot] = p.vl2_zbody[slot] = p.tail[slot] = None
+    lst = p.by_ul.get(old[1])
+    if lst is not None:
+        if uuid in lst:
+            lst.remove(uuid)
+        if not lst:
+            del p.by_ul[old[1]]
+
+
+@dataclass(frozen=True, slots=True)
+class _EmptySnapshot:
+    version: int = 0
+    cns: tuple[()] = ()
+    vnics: tuple[()] = ()
+    routes: tuple[()] = ()
+
+
+_EMPTY = _EmptySnapshot()
+
+
+__all__ = [
+    "IndexChange",
+    "LookupIndex",
+    "PreparedIndex",
+    "RouteAnswer",
+    "ip_int",
+    "vl2_key",
+    "vl3_key",
+]

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import secrets
 import uuid as uuidlib
 from collections.abc import Callable, Iterable
@@ -306,8 +307,11 @@ class Directory:
     ) -> None:
         self.store = store
         self.index = index if index is not None else LookupIndex()
-        self._limiter = limiter if limiter is not None else trio.CapacityLimiter(1)
+        self._limiter = (
+            limiter if limiter is not None else trio.CapacityLimiter(getattr(store, "workers", 1))
+        )
         self._write_lock = trio.Lock()
+        self._subscribers: list[Callable[[IndexChange | None], None]] = []
         self._randbits = randbits
         self._closed = False
 
@@ -334,10 +338,37 @@ class Directory:
         """Rebuild the whole index from the store (startup; after an out-of-band change)."""
         async with self._write_lock:
             snapshot = await self._read(lambda tx: tx.snapshot())
-            self.index.load(snapshot)
+            # built in a worker thread (seconds at 1M VNICs), swapped in atomically here
+            self.index.install(await trio.to_thread.run_sync(self.index.prepare, snapshot))
+            self._notify(None)
 
     def _published(self, change: IndexChange) -> None:
         """Hook called after every committed change (cross-instance coherence goes here)."""
+
+    def subscribe(self, callback: Callable[[IndexChange | None], None]) -> Callable[[], None]:
+        """Call ``callback(change)`` after every committed change, under the write lock (so in
+        commit order): ``change`` is the ``IndexChange`` (VNIC states before/after; rule writes
+        pass a subclass carrying ``rules_put``/``rules_removed``), or None when the index was
+        reloaded from the store (anything may have changed). Returns an unsubscribe function.
+        The firewall policy service subscribes here."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def _notify(self, change: IndexChange | None) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(change)
+            except Exception:
+                logging.getLogger("portolan.service").exception("change subscriber failed")
+
+    async def apply_remote(self, read: Callable[[Tx], T], apply: Callable[[T], None]) -> T:
+        """Coherence entry point (portolan.coherence): run ``read`` in a store transaction and
+        hand its result to ``apply`` (which updates the index), serialised with this
+        Directory's own writes so a remote change never overtakes a local one."""
+        async with self._write_lock:
+            result = await self._read(read)
+            apply(result)
+            return result
 
     # -- transaction plumbing -----------------------------------------------------------------
     async def _read(self, fn: Callable[[Tx], T]) -> T:
@@ -355,7 +386,10 @@ class Directory:
                 try:
                     with self.store.transaction(write=True) as tx:
                         version = tx.next_version() if versioned else 0
-                        return fn(tx, version)
+                        result, change = fn(tx, version)
+                        if change is not None:
+                            self.store.record_change(tx, change)  # feed + NOTIFY (PostgreSQL)
+                        return result, change
                 except _NoChange as nc:
                     return nc.result, None
                 except IntegrityViolation as exc:
@@ -370,6 +404,7 @@ class Directory:
             if change is not None:
                 self.index.apply(change)
                 self._published(change)
+                self._notify(change)
             return result
 
     # -- compute nodes -------------------------------------------------------------------------

@@ -85,13 +85,13 @@ import logging
 import struct
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import partial
-from itertools import islice
 from typing import Any
 
 import trio
 
+from portolan.index import vl3_key
 from portolan.metrics import LATENCY_SAMPLE_EVERY, PortolanMetrics
 from protocol.svp import (
     LOG_ENTRY_SIZE,
@@ -132,9 +132,19 @@ BULK_HEADER_SIZE = 12  # status, type, total
 
 # The lookup lane's view of the two hot requests (spec/svp.md §2, §5): whole frames.
 _HEAD = struct.Struct(">HHI")  # version, op, size
-_VL2_FRAME = struct.Struct(">HHIII6s2xI")  # header + VL2_REQ body (12)
-_VL3_FRAME = struct.Struct(">HHIII16sII")  # header + VL3_REQ body (24)
+_HEAD_CRC = struct.Struct(">HHI4xI")  # version, op, size, (id), crc
 _ZERO4 = bytes(4)
+# Replies built by the lane: the header's first 8 bytes (version, op, size) by version, then
+# the request's id, the CRC and the body, appended as separate pieces.
+_VL2_ACK_HEAD = {v: _HEAD.pack(v, 4, 20) for v in (1, 2)}
+_VL3_ACK_HEAD = {v: _HEAD.pack(v, 6, 28) for v in (1, 2)}
+_VL2_NOTFOUND_BODY = struct.pack(">HH16s", int(Status.NOTFOUND), 0, bytes(16))
+_VL3_NOTFOUND_BODY = struct.pack(">I6sH16s", int(Status.NOTFOUND), bytes(6), 0, bytes(16))
+_VL2_NOTFOUND_ZBODY = _ZERO4 + _VL2_NOTFOUND_BODY
+# CRC32 state after each reply's first 8 bytes: the id, zero CRC field and body follow
+_VL2_ACK_HEAD_CRC = {v: zlib.crc32(h) for v, h in _VL2_ACK_HEAD.items()}
+_VL3_ACK_HEAD_CRC = {v: zlib.crc32(h) for v, h in _VL3_ACK_HEAD.items()}
+_V3_SLOT = struct.Struct(">I").unpack_from  # the CN slot in a VL3 index value (at offset 10)
 
 _OK = int(Status.OK)
 _NOTFOUND = int(Status.NOTFOUND)
@@ -296,46 +306,87 @@ class SvpServer:
         """Answer the run of plain VL2_REQ/VL3_REQ frames starting at ``pos``; return where
         it stopped. Only whole frames of version 1 or 2, of exactly the op's body size and
         with a correct CRC are taken; anything else (other ops, a frame cut short, any doubt)
-        is left for the Decoder, which is the authority on framing and errors."""
+        is left for the Decoder, which is the authority on framing and errors.
+
+        The index is probed with the request body itself (``LookupIndex.wire_tables``): a hit
+        is a dict get on a slice of the frame and a list index giving the CN's precomputed
+        reply body; the reply is appended as pieces: the 8 constant header bytes (version, op,
+        size), the request's id copied verbatim, the CRC and the body."""
         have = len(data)
         counts = self.metrics.svp_requests
-        index = self.directory.index
+        vl2, vl2_body, vl2_zbody, vl3, tail_of = self.directory.index.wire_tables()
         crc32 = zlib.crc32
-        while have - pos >= 16:
-            version, op, size = _HEAD.unpack_from(data, pos)
-            if version != 1 and version != 2:
-                break
-            if op == 3 and size == 12:
-                end = pos + 28
-                if end > have:
+        ok2 = nf2 = ok3 = nf3 = 0
+        append = replies.append
+        try:
+            while have - pos >= 16:
+                version, op, size, crc = _HEAD_CRC.unpack_from(data, pos)
+                if version != 1 and version != 2:
                     break
-                _, _, _, rid, crc, mac, vnet_id = _VL2_FRAME.unpack_from(data, pos)
-                if crc32(data[pos + 16 : end], crc32(_ZERO4, crc32(data[pos : pos + 12]))) != crc:
-                    break
-                found = index.vl2(mac, vnet_id)
-                if found is None:
-                    replies.append(encode_vl2_ack(rid, version, _NOTFOUND, 0, ZERO_IP))
-                    counts[_VL2_NOTFOUND] += 1
+                if op == 3 and size == 12:
+                    end = pos + 28
+                    if end > have:
+                        break
+                    if (
+                        crc32(data[pos + 16 : end], crc32(_ZERO4, crc32(data[pos : pos + 12])))
+                        != crc
+                    ):
+                        break
+                    key = data[pos + 16 : end]
+                    slot = vl2.get(key)
+                    if slot is None and key[6:8] != b"\x00\x00":  # pad is not part of the key
+                        slot = vl2.get(key[:6] + b"\x00\x00" + key[8:])
+                    body = vl2_body[slot] if slot is not None else None
+                    if body is None:
+                        body, zbody = _VL2_NOTFOUND_BODY, _VL2_NOTFOUND_ZBODY
+                        nf2 += 1
+                    else:
+                        zbody = vl2_zbody[slot]
+                        ok2 += 1
+                    rid = data[pos + 8 : pos + 12]
+                    append(_VL2_ACK_HEAD[version])
+                    append(rid)
+                    append(crc32(zbody, crc32(rid, _VL2_ACK_HEAD_CRC[version])).to_bytes(4, "big"))
+                    append(body)
+                elif op == 5 and size == 24:
+                    end = pos + 40
+                    if end > have:
+                        break
+                    if (
+                        crc32(data[pos + 16 : end], crc32(_ZERO4, crc32(data[pos : pos + 12])))
+                        != crc
+                    ):
+                        break
+                    held = vl3.get(data[pos + 16 : end])
+                    if held is None:  # the ip type is ignored: retry with the canonical one
+                        key = vl3_key(data[pos + 16 : pos + 32], 0)[:20] + data[pos + 36 : end]
+                        if key != data[pos + 16 : end]:
+                            held = vl3.get(key)
+                    tail = tail_of[_V3_SLOT(held, 10)[0]] if held is not None else None
+                    if tail is None:
+                        body = _VL3_NOTFOUND_BODY
+                        nf3 += 1
+                    else:
+                        body = held[:10] + tail  # status 0, mac, then port and ip
+                        ok3 += 1
+                    rid = data[pos + 8 : pos + 12]
+                    append(_VL3_ACK_HEAD[version])
+                    append(rid)
+                    crc = crc32(body, crc32(_ZERO4, crc32(rid, _VL3_ACK_HEAD_CRC[version])))
+                    append(crc.to_bytes(4, "big"))
+                    append(body)
                 else:
-                    replies.append(encode_vl2_ack(rid, version, _OK, *found))
-                    counts[_VL2_OK] += 1
-            elif op == 5 and size == 24:
-                end = pos + 40
-                if end > have:
                     break
-                _, _, _, rid, crc, ip, _type, vnet_id = _VL3_FRAME.unpack_from(data, pos)
-                if crc32(data[pos + 16 : end], crc32(_ZERO4, crc32(data[pos : pos + 12]))) != crc:
-                    break
-                found = index.vl3(ip, vnet_id)
-                if found is None:
-                    replies.append(encode_vl3_ack(rid, version, _NOTFOUND, ZERO_MAC, 0, ZERO_IP))
-                    counts[_VL3_NOTFOUND] += 1
-                else:
-                    replies.append(encode_vl3_ack(rid, version, _OK, *found))
-                    counts[_VL3_OK] += 1
-            else:
-                break
-            pos = end
+                pos = end
+        finally:
+            if ok2:
+                counts[_VL2_OK] += ok2
+            if nf2:
+                counts[_VL2_NOTFOUND] += nf2
+            if ok3:
+                counts[_VL3_OK] += ok3
+            if nf3:
+                counts[_VL3_NOTFOUND] += nf3
         return pos
 
     # ----------------------------------------------------------------------------------------
@@ -398,11 +449,11 @@ class SvpServer:
         room = self.max_frame - BULK_HEADER_SIZE
         index = self.directory.index
         if msg.bulk_type == BulkType.VL2:
-            total, records = _vl2_records(index)
-            data = _pack_records(BULK_VL2_RECORD, total, records, room)
+            total, records = index.vl2_records(_records_fit(BULK_VL2_RECORD, room))
+            data = _pack_records(BULK_VL2_RECORD, total, records)
         elif msg.bulk_type == BulkType.VL3:
-            total, records = _vl3_records(index)
-            data = _pack_records(BULK_VL3_RECORD, total, records, room)
+            total, records = index.vl3_records(_records_fit(BULK_VL3_RECORD, room))
+            data = _pack_records(BULK_VL3_RECORD, total, records)
         else:
             self._count("bulk", int(Status.BADBULK))
             return BulkAck(msg.id, int(Status.BADBULK), msg.bulk_type, b"", msg.version).encode()
@@ -473,42 +524,14 @@ def _within_budget(entries: Iterable[Any], budget: int, version: int) -> list[An
     return kept
 
 
-def _pack_records(record: struct.Struct, total: int, records: Iterable[tuple], room: int) -> bytes:
-    fit = max((room - 4) // record.size, 0)
+def _records_fit(record: struct.Struct, room: int) -> int:
+    """How many records fit in ``room`` bytes after the ``total`` word."""
+    return max((room - 4) // record.size, 0)
+
+
+def _pack_records(record: struct.Struct, total: int, records: Iterable[tuple]) -> bytes:
     pack = record.pack
-    return struct.pack(">I", total) + b"".join(pack(*r) for r in islice(records, fit))
-
-
-def _vl2_records(index: Any) -> tuple[int, Iterator[tuple[bytes, int, int, bytes]]]:
-    """(total, lazy (mac, vnet_id, port, ul_ip16) records) of every VL2 mapping.
-
-    LookupIndex has no public iteration yet, so this reads its tables (``_vl2``: mac << 24 |
-    vnet -> cn uuid; ``_cns``: cn uuid -> (port, ip16)) without copying them.
-    """
-    vl2, cns = index._vl2, index._cns
-
-    def records() -> Iterator[tuple[bytes, int, int, bytes]]:
-        for key, cn in vl2.items():
-            ul = cns.get(cn)
-            if ul is not None:
-                yield (key >> 24).to_bytes(6, "big"), key & 0xFFFFFF, ul[0], ul[1]
-
-    return len(vl2), records()
-
-
-def _vl3_records(index: Any) -> tuple[int, Iterator[tuple[bytes, int, bytes, int, bytes]]]:
-    """(total, lazy (ip16, vnet_id, mac, port, ul_ip16) records) of every VL3 mapping."""
-    vl3, vl2, cns = index._vl3, index._vl2, index._cns
-
-    def records() -> Iterator[tuple[bytes, int, bytes, int, bytes]]:
-        for key, k2 in vl3.items():
-            cn = vl2.get(k2)
-            ul = cns.get(cn) if cn is not None else None
-            if ul is not None:
-                mac = (k2 >> 24).to_bytes(6, "big")
-                yield (key >> 24).to_bytes(16, "big"), key & 0xFFFFFF, mac, ul[0], ul[1]
-
-    return len(vl3), records()
+    return struct.pack(">I", total) + b"".join(pack(*r) for r in records)
 
 
 def _ip_text(ip16: bytes) -> str:

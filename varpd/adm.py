@@ -6,6 +6,7 @@
       cache list NAME | cache get NAME MAC | cache set NAME MAC (IP:PORT|[IPv6]:PORT|drop)
       cache rm NAME MAC | cache flush NAME
       vnic add NAME MAC [--vlan N] [--tap TAP] | vnic rm NAME MAC | vnic list NAME
+      firewall                  policy fetcher state, policy generation, per-VNIC rule counts
 
 The socket is ``--socket``, else ``$VARPD_SOCKET``, else /var/run/varpd/varpd.sock. Output is
 a readable table, or JSON with ``--json``. Errors go to stderr as ``varpdadm: MESSAGE`` with
@@ -80,6 +81,62 @@ def _status(d: dict[str, Any]) -> str:
     return "DEGRADED" if d.get("degraded") else "ONLINE"
 
 
+def _fw_cell(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "off"
+    return f"{info['rules_in']} in / {info['rules_out']} out, {info['flows']} flows"
+
+
+def _render_firewall(result: dict[str, Any]) -> str:
+    gen = result.get("generation")
+    lines = [
+        f"state:       {result.get('state')}",
+        f"generation:  {'-' if gen is None else gen}",
+        f"applied:     {result.get('applied', 0)}",
+        f"last error:  {result.get('last_error') or '-'}",
+    ]
+    fetcher = result.get("fetcher")
+    if fetcher:
+        lines.insert(1, f"policy url:  {fetcher.get('url')}")
+        lines.append(
+            f"requests:    {fetcher.get('requests', 0)} ({fetcher.get('applied', 0)} applied, "
+            f"{fetcher.get('not_modified', 0)} not modified, {fetcher.get('errors', 0)} errors)"
+        )
+    rows = [
+        [
+            v["mac"],
+            v["device"],
+            "yes" if v["filtered"] else "no",
+            v["rules_in"],
+            v["rules_out"],
+            v["flows"],
+            v["blocked_in"],
+            v["blocked_out"],
+        ]
+        for v in result.get("vnics") or []
+    ]
+    lines += [
+        "",
+        table(
+            [
+                "VNIC",
+                "DEVICE",
+                "FILTERED",
+                "RULES IN",
+                "RULES OUT",
+                "FLOWS",
+                "BLOCKED IN",
+                "BLOCKED OUT",
+            ],
+            rows,
+        ),
+    ]
+    others = result.get("policy_only") or []
+    if others:
+        lines += ["", "in the policy but not on this node: " + ", ".join(others)]
+    return "\n".join(lines)
+
+
 def render(command: str, result: Any) -> str:
     if command == "list":
         return table(
@@ -118,12 +175,28 @@ def render(command: str, result: Any) -> str:
         if dprops:
             lines += ["", table(["DEVICE PROPERTY", "VALUE"], [[k, v] for k, v in dprops.items()])]
         vnics = result.get("vnic_list") or []
+        fw = result.get("firewall") or {}
         if vnics:
+            per_vnic = fw.get("vnics") or {}
             lines += [
                 "",
-                table(["VNIC", "VLAN", "TAP"], [[v["mac"], v["vlan_id"], v["tap"]] for v in vnics]),
+                table(
+                    ["VNIC", "VLAN", "TAP", "FIREWALL"],
+                    [
+                        [v["mac"], v["vlan_id"], v["tap"], _fw_cell(per_vnic.get(v["mac"]))]
+                        for v in vnics
+                    ],
+                ),
             ]
+        if fw:
+            gen = fw.get("generation")
+            lines.append(
+                f"firewall: {fw.get('state')}"
+                + (f", policy generation {gen}" if gen is not None else ", no policy yet")
+            )
         return "\n".join(lines)
+    if command == "firewall":
+        return _render_firewall(result)
     if command == "cache list":
         return table(
             ["MAC", "FLAGS", "DESTINATION"],
@@ -189,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", parents=[json_flag], help="list instances")
     sub.add_parser("ping", parents=[json_flag], help="daemon information")
     sub.add_parser("plugins", parents=[json_flag], help="search plugins and their properties")
+    sub.add_parser(
+        "firewall", parents=[json_flag], help="firewall policy state and per-VNIC rule counts"
+    )
     s = sub.add_parser("show", parents=[json_flag], help="properties and status of an instance")
     s.add_argument("name")
     s = sub.add_parser("create", parents=[json_flag], help="create an overlay device + instance")
@@ -233,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
     """(display command, op, args) for parsed arguments."""
     cmd = args.command
-    if cmd in ("list", "ping", "plugins"):
+    if cmd in ("list", "ping", "plugins", "firewall"):
         return cmd, cmd, {}
     if cmd in ("show", "activate", "delete"):
         return cmd, cmd, {"name": args.name}

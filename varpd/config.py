@@ -6,11 +6,32 @@ Top-level keys (all optional; defaults in brackets):
     state_dir       folder of the instance state files [/var/lib/varpd]
     control_socket  Unix socket path of the control API [/var/run/varpd/varpd.sock]; "" = none
     metrics         host:port of the Prometheus endpoint [127.0.0.1:9339]; "" = none; port 0 ok
-    portolan_api    http(s) URL of portolan's API (firewall policy; not used yet)
+    portolan_api    http(s) URL of portolan's API; when set (cn_uuid required), varpd long-polls
+                    GET {portolan_api}/firewalls/cns/{cn_uuid}/policy and enforces it [none]
+    portolan_api_token  bearer token sent to the API (GETs do not need one) [none]
     backend         default data-path backend of the devices: "memory" | "udp" [memory]
     lookup_workers  number of lookup worker tasks [2 * CPUs + 1]
     lookup_timeout  seconds a plugin may take over one lookup before it is dropped [60]
     log_level       DEBUG | INFO | WARNING | ERROR [INFO]
+
+    [firewall]      cloud firewall tunables (used when portolan_api is set)
+    wait            long-poll wait in seconds, 1..300 [30]
+    max_flows       tracked flows per VNIC (least recently used evicted), 16..10000000 [32768]
+
+    [svp]           svp plugin tunables, shared by every svp instance (not properties, so
+                    illumos' property set is kept). Seconds are numbers > 0 unless noted:
+    query_timeout   seconds a query may wait for its answer [30]
+    connect_timeout seconds a TCP connect may take [10]
+    connect_wait    seconds a query waits for a connection when none is up, >= 0 [5]
+    retries         re-sends of a query after a connection reset, 0..100 [2]
+    log_interval    seconds between LOG_REQ polls when the log is idle [0.25]
+    log_count       byte budget of one LOG_REQ, 76..4294967295 [1024]
+    resolve_interval  seconds between DNS lookups of svp/host [30]
+    dns_retry       seconds before retrying a transient DNS failure [1]
+    backoff         array of reconnect delays in seconds (>= 0), last one repeats
+                    [1, 2, 4, 8, 16, 32]
+    degrade_after   consecutive connect failures before a connection is degraded, 0..1000 [6]
+    version         SVP protocol version to speak, 1 | 2 [1]
 
     [[device]]      one overlay device + its varpd instance, created at start unless restored
     name            link name (letters, digits, _ . -; starts with a letter; <= 31 chars)
@@ -32,6 +53,7 @@ Unknown keys are refused, as are wrong types and values; every error names the k
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -49,6 +71,25 @@ BACKENDS = ("memory", "udp")
 VNETID_MAX = 2**24 - 1
 MTU_MIN, MTU_MAX, MTU_DEFAULT = 576, 8900, 1400
 LINK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
+FIREWALL_WAIT_DEFAULT = 30.0
+FIREWALL_WAIT_MAX = 300.0
+FIREWALL_MAX_FLOWS_DEFAULT = 32768  # varpd.firewall.conntrack.DEFAULT_MAX_FLOWS
+FIREWALL_MAX_FLOWS_RANGE = (16, 10_000_000)
+U32_MAX = 2**32 - 1
+
+#: [svp] keys -> (kind, low, high, low_inclusive); kinds: "seconds" (int or float), "int"
+SVP_KEYS: dict[str, tuple[str, float, float, bool]] = {
+    "query_timeout": ("seconds", 0, 86400, False),
+    "connect_timeout": ("seconds", 0, 86400, False),
+    "connect_wait": ("seconds", 0, 86400, True),
+    "retries": ("int", 0, 100, True),
+    "log_interval": ("seconds", 0, 3600, False),
+    "log_count": ("int", 76, U32_MAX, True),  # 4-byte status + one 72-byte route entry
+    "resolve_interval": ("seconds", 0, 86400, False),
+    "dns_retry": ("seconds", 0, 86400, False),
+    "degrade_after": ("int", 0, 1000, True),
+    "version": ("int", 1, 2, True),
+}
 
 
 def default_workers() -> int:
@@ -84,12 +125,21 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class FirewallConfig:
+    wait: float = FIREWALL_WAIT_DEFAULT
+    max_flows: int = FIREWALL_MAX_FLOWS_DEFAULT
+
+
+@dataclass(frozen=True)
 class VarpdConfig:
     cn_uuid: str = ""
     state_dir: str = DEFAULT_STATE_DIR
     control_socket: str = DEFAULT_CONTROL_SOCKET
     metrics: str = DEFAULT_METRICS
     portolan_api: str | None = None
+    portolan_api_token: str | None = None
+    firewall: FirewallConfig = field(default_factory=FirewallConfig)
+    svp: dict[str, object] = field(default_factory=dict)  # SvpOptions fields given in [svp]
     backend: str = "memory"
     lookup_workers: int = field(default_factory=default_workers)
     lookup_timeout: float = 60.0
@@ -242,6 +292,58 @@ def parse_device(d: object, path: str, default_backend: str) -> DeviceConfig:
     return DeviceConfig(name, vnetid, search, mtu, backend, plugin_props, dict(device_props), vnics)
 
 
+def _number(value: object, path: str, kind: str, lo: float, hi: float, lo_incl: bool) -> Any:
+    """A validated number of ``kind`` ("int" | "seconds") in ``lo``..``hi``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(
+            path, f"expected {'an integer' if kind == 'int' else 'a number'}, got {value!r}"
+        )
+    if kind == "int" and not isinstance(value, int):
+        raise ConfigError(path, f"expected an integer, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(path, f"expected a finite number, got {value!r}")
+    low_ok = value >= lo if lo_incl else value > lo
+    if not low_ok or value > hi:
+        lo_text = f"{lo:g}" if lo_incl else f"above {lo:g}"
+        raise ConfigError(path, f"{value!r} is out of range ({lo_text} .. {hi:g})")
+    return float(value) if kind == "seconds" else int(value)
+
+
+def parse_svp(d: object, path: str = "svp") -> dict[str, object]:
+    """The ``[svp]`` table: validated `SvpOptions` fields (only the keys given)."""
+    if not isinstance(d, dict):
+        raise ConfigError(path, "expected a table")
+    _unknown(d, {*SVP_KEYS, "backoff"}, path)
+    out: dict[str, object] = {}
+    for key, (kind, lo, hi, lo_incl) in SVP_KEYS.items():
+        if key in d:
+            out[key] = _number(d[key], f"{path}.{key}", kind, lo, hi, lo_incl)
+    if "backoff" in d:
+        steps = _typed(d, "backoff", f"{path}.backoff", list)
+        if not steps:
+            raise ConfigError(f"{path}.backoff", "must list at least one delay")
+        if len(steps) > 64:
+            raise ConfigError(f"{path}.backoff", "at most 64 delays")
+        out["backoff"] = tuple(
+            _number(v, f"{path}.backoff[{i}]", "seconds", 0, 86400, True)
+            for i, v in enumerate(steps)
+        )
+    return out
+
+
+def parse_firewall(d: object, path: str = "firewall") -> FirewallConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(path, "expected a table")
+    _unknown(d, {"wait", "max_flows"}, path)
+    kw: dict[str, Any] = {}
+    if "wait" in d:
+        kw["wait"] = _number(d["wait"], f"{path}.wait", "seconds", 1, FIREWALL_WAIT_MAX, True)
+    if "max_flows" in d:
+        lo, hi = FIREWALL_MAX_FLOWS_RANGE
+        kw["max_flows"] = _number(d["max_flows"], f"{path}.max_flows", "int", lo, hi, True)
+    return FirewallConfig(**kw)
+
+
 def parse_config(data: dict[str, Any]) -> VarpdConfig:
     """Build a `VarpdConfig` from a decoded TOML document, or raise `ConfigError`."""
     allowed = {
@@ -250,6 +352,9 @@ def parse_config(data: dict[str, Any]) -> VarpdConfig:
         "control_socket",
         "metrics",
         "portolan_api",
+        "portolan_api_token",
+        "firewall",
+        "svp",
         "backend",
         "lookup_workers",
         "lookup_timeout",
@@ -280,6 +385,17 @@ def parse_config(data: dict[str, Any]) -> VarpdConfig:
         if api and not re.match(r"^https?://[^/\s]+", api):
             raise ConfigError("portolan_api", f"expected an http(s) URL, got {api!r}")
         kw["portolan_api"] = api or None
+        if api and not kw.get("cn_uuid"):
+            raise ConfigError("cn_uuid", "required when portolan_api is set (the policy is per CN)")
+    if "portolan_api_token" in data:
+        token = _typed(data, "portolan_api_token", "portolan_api_token", str)
+        if any(c.isspace() for c in token):
+            raise ConfigError("portolan_api_token", "must not contain white space")
+        kw["portolan_api_token"] = token or None
+    if "firewall" in data:
+        kw["firewall"] = parse_firewall(data["firewall"])
+    if "svp" in data:
+        kw["svp"] = parse_svp(data["svp"])
     backend = "memory"
     if "backend" in data:
         backend = _typed(data, "backend", "backend", str)

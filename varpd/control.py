@@ -14,6 +14,7 @@ One task per connection reads requests in order and answers each before reading 
     cache_rm    {name, mac}     cache_flush {name}
     vnic_add    {name, mac, vlan?, tap?}   vnic_rm {name, mac}   vnic_list {name}
     plugins                                -> {name: [prop specs]}
+    firewall                               -> fetcher state, policy generation, per-VNIC rules
 
 Errors are replies ``{ok: false, error: {code, message, field}}`` with codes ``bad_request``,
 ``not_found``, ``exists``, ``invalid``, ``read_only``, ``not_ready``, ``busy``, ``in_use``,
@@ -152,6 +153,10 @@ async def _plugins(v: Varpd, a: dict[str, Any]) -> Any:
     return out
 
 
+async def _firewall(v: Varpd, a: dict[str, Any]) -> Any:
+    return v.firewall_status()
+
+
 OPS: dict[str, Handler] = {
     "ping": _ping,
     "list": _list,
@@ -169,6 +174,7 @@ OPS: dict[str, Handler] = {
     "vnic_rm": _vnic_rm,
     "vnic_list": _vnic_list,
     "plugins": _plugins,
+    "firewall": _firewall,
 }
 
 

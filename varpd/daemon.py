@@ -8,6 +8,13 @@ ready (``task_status.started(self)``; `ready_line` is what ``varpd run`` prints)
 ``run`` is the shutdown: plugins get a short shielded grace period to stop; state files are
 kept (as illumos keeps them), the control socket file is removed.
 
+Firewall: ``self.firewall`` (a `FirewallTable`) exists always; every VNIC the daemon adds is
+bound to it (its shim ``filter`` follows the policy) and unbound on removal. With
+``portolan_api`` and ``cn_uuid`` configured, a `PolicyFetcher` long-polls the CN's policy in the
+nursery and `_apply_policy` installs each one whole (a refetch after a reconnect is a full
+resync). `firewall_status` is ``varpdadm firewall``; the metrics come from a scrape-time
+collector, as do the shim's counters (`varpd.metrics`).
+
 The admin methods (`create`, `set_props`, `activate`, `delete`, `cache_*`, `vnic_*`, `list`,
 `show`) are what the control socket calls; they are also the Python API of the demo and the
 tests. They are serialized by one lock, validate everything before changing anything, and
@@ -26,6 +33,7 @@ from typing import Any
 import trio
 
 from protocol.addr import format_mac, parse_mac
+from protocol.fwpolicy import Policy
 from varpd.config import (
     LINK_NAME,
     MTU_MAX,
@@ -34,8 +42,9 @@ from varpd.config import (
     DeviceConfig,
     VarpdConfig,
 )
+from varpd.firewall import FirewallTable, PolicyFetcher
 from varpd.instance import ACTIVE, INSTANCE_ID_MAX, Instance, VarpdError, VnicEntry, shim_error
-from varpd.metrics import VarpdMetrics, serve_metrics
+from varpd.metrics import FirewallCollector, ShimCollector, VarpdMetrics, serve_metrics
 from varpd.persist import InstanceRecord, StateDir
 from varpd.plugins import PLUGINS
 from varpd.plugins.base import Plugin, ReplyError
@@ -198,6 +207,26 @@ class Varpd:
         self.started_at = time.time()
         self.restored: list[str] = []
         self.moved_aside: list[tuple[str, str]] = []
+        if config.svp:
+            from varpd.plugins.svp import SvpOptions
+
+            self.shared["svp:options"] = SvpOptions(**config.svp)  # type: ignore[arg-type]
+        # -- the cloud firewall: the table always exists (VNICs are bound to it as they are
+        # added); the fetcher only when portolan_api is configured.
+        self.firewall = FirewallTable(max_flows=config.firewall.max_flows)
+        self.fetcher: PolicyFetcher | None = None
+        if config.portolan_api and config.cn_uuid:
+            self.fetcher = PolicyFetcher(
+                config.portolan_api,
+                config.cn_uuid,
+                self._apply_policy,
+                config.firewall.wait,
+                token=config.portolan_api_token,
+            )
+        # engine verdict counters of VNICs that left the policy (keeps the totals monotonic)
+        self.firewall_retired: dict[str, int] = {}
+        self.metrics.registry.register(ShimCollector(lambda: self._driver))
+        self.metrics.registry.register(FirewallCollector(self))
 
     # ------------------------------------------------------------------ plumbing
 
@@ -256,6 +285,9 @@ class Varpd:
                     nursery.start_soon(self._lookup_worker)
                 await self._restore()
                 await self._create_config_devices()
+                if self.fetcher is not None:
+                    await nursery.start(self.fetcher.run)
+                    nursery.start_soon(self._firewall_sweeper)
                 addr = self.config.metrics_address
                 if addr is not None:
                     self.metrics_address = await nursery.start(serve_metrics, self.metrics, *addr)
@@ -271,6 +303,102 @@ class Varpd:
                 for inst in list(self.instances.values()):
                     await inst.stop()
             self._nursery = None
+
+    # ------------------------------------------------------------------ firewall
+
+    def _apply_policy(self, policy: Policy) -> None:
+        """The fetcher's ``apply``: install a whole policy (a full resync every time), then
+        every bound VNIC's ``filter`` is its new firewall or None. Never awaits."""
+        before = self.firewall.firewalls
+        self.firewall.apply(policy)
+        after = self.firewall.firewalls
+        for mac, fw in before.items():
+            if mac not in after:
+                retired = self.firewall_retired
+                for key, value in fw.counters.items():
+                    retired[key] = retired.get(key, 0) + value
+                for key, value in fw.conntrack.counters.items():
+                    retired[f"conntrack_{key}"] = retired.get(f"conntrack_{key}", 0) + value
+        log.info(
+            "firewall policy generation %d applied: %d VNIC(s) in policy",
+            policy.generation,
+            len(after),
+        )
+
+    async def _firewall_sweeper(self, interval: float = 10.0) -> None:
+        """Forget expired flows now and then (lookups expire them lazily too)."""
+        while True:
+            await trio.sleep(interval)
+            self.firewall.expire()
+
+    def _vnic_firewall(self, entry: VnicEntry) -> dict[str, object] | None:
+        fw = self.firewall.get(entry.mac)
+        if fw is None:
+            return None
+        rules = fw.rules
+        return {
+            "rules": len(rules),
+            "rules_in": sum(1 for r in rules if r.direction == "in"),
+            "rules_out": sum(1 for r in rules if r.direction == "out"),
+            "flows": len(fw.conntrack),
+            "ips": list(fw.ips),
+        }
+
+    def firewall_status(self) -> dict[str, object]:
+        """What ``varpdadm firewall`` shows: the fetcher, the policy, every local VNIC."""
+        fetcher = self.fetcher
+        status: dict[str, object] = {
+            "enabled": fetcher is not None,
+            "cn_uuid": self.config.cn_uuid or None,
+            "generation": self.firewall.generation,
+            "applied": self.firewall.applied,
+            "flows_dropped_by_policy": self.firewall.flows_dropped,
+        }
+        if fetcher is not None:
+            fs = fetcher.status()
+            status["fetcher"] = {
+                "url": fs.get("url"),
+                "state": fs.get("state"),
+                "last_error": fs.get("last_error"),
+                "etag": fs.get("etag"),
+                "requests": fs.get("requests", 0),
+                "applied": fs.get("applied", 0),
+                "not_modified": fs.get("not_modified", 0),
+                "errors": fs.get("errors", 0),
+            }
+            status["state"] = fs.get("state")
+            status["last_error"] = fs.get("last_error")
+        else:
+            status["fetcher"] = None
+            status["state"] = "disabled"
+            status["last_error"] = None
+        rows: list[dict[str, object]] = []
+        local: set[bytes] = set()
+        for inst in sorted(self.instances.values(), key=lambda i: i.varpd_id):
+            for entry in inst.vnics.values():
+                local.add(entry.mac)
+                fw = self._vnic_firewall(entry)
+                vnic = entry.vnic
+                counters = getattr(vnic, "counters", {}) if vnic is not None else {}
+                rows.append(
+                    {
+                        "mac": format_mac(entry.mac),
+                        "device": inst.device,
+                        "filtered": vnic is not None and vnic.filter is not None,
+                        "rules": None if fw is None else fw["rules"],
+                        "rules_in": None if fw is None else fw["rules_in"],
+                        "rules_out": None if fw is None else fw["rules_out"],
+                        "flows": None if fw is None else fw["flows"],
+                        "blocked_in": counters.get("filter_drop_in", 0),
+                        "blocked_out": counters.get("filter_drop_out", 0),
+                    }
+                )
+        status["vnics"] = rows
+        # policy entries for VNICs this varpd does not have (moved away, not added yet)
+        status["policy_only"] = sorted(
+            format_mac(mac) for mac in self.firewall.firewalls if mac not in local
+        )
+        return status
 
     def _update_gauges(self) -> None:
         degraded = sum(1 for i in self.instances.values() if i.summary()["degraded"])
@@ -387,7 +515,7 @@ class Varpd:
             try:
                 await self._activate(inst)
             except VarpdError as exc:
-                inst.degrade(f"restore failed: {exc.message}")
+                inst.set_failure(f"restore failed: {exc.message}")
                 log.error("instance %s restored but not activated: %s", rec.name, exc.message)
             self.restored.append(rec.name)
             log.info("restored instance %s (id %d)", rec.name, rec.id)
@@ -429,7 +557,7 @@ class Varpd:
         try:
             await self._activate(inst)
         except VarpdError as exc:
-            inst.degrade(f"activation failed: {exc.message}")
+            inst.set_failure(f"activation failed: {exc.message}")
             log.error("config device %s created but not activated: %s", dev.name, exc.message)
 
     # ------------------------------------------------------------------ admin API
@@ -539,6 +667,8 @@ class Varpd:
             for entry in vnic_entries:
                 self._add_vnic(inst, entry)
         except BaseException:
+            for added in list(inst.vnics.values()):
+                self._remove_vnic(inst, added)
             with contextlib.suppress(ShimError), trio.CancelScope(shield=True):
                 await self.driver.delete_device(name)
             raise
@@ -576,12 +706,27 @@ class Varpd:
             backend = getattr(self.driver, "backend", None)
             make = getattr(backend, "tap_port", None)
             if make is not None:
-                port = make(entry.tap, inst.device, entry.mac, entry.vlan)
+                try:
+                    mtu = self.driver.get_props(inst.device).get("mtu")
+                    port = make(entry.tap, inst.device, entry.mac, entry.vlan, mtu=mtu)
+                except ShimError as exc:
+                    raise shim_error(exc, "tap", f"TAP {entry.tap}") from None
         try:
             entry.vnic = self.driver.add_vnic(inst.device, entry.mac, entry.vlan, port)
         except ShimError as exc:
+            if port is not None:
+                port.detach()  # close the TAP we just made
             raise shim_error(exc, "mac", f"VNIC {format_mac(entry.mac)}") from None
         inst.vnics[entry.mac] = entry
+        self.firewall.bind(entry.vnic)
+
+    def _remove_vnic(self, inst: Instance, entry: VnicEntry) -> None:
+        """Best-effort removal (unbinds the firewall first); errors are ignored."""
+        if entry.vnic is not None:
+            self.firewall.unbind(entry.vnic)
+        with contextlib.suppress(ShimError):
+            self.driver.remove_vnic(inst.device, entry.mac)
+        inst.vnics.pop(entry.mac, None)
 
     async def _activate(self, inst: Instance) -> None:
         if inst.state == ACTIVE:
@@ -617,7 +762,7 @@ class Varpd:
                 if "persist" in steps_done:
                     await self._unpersist(inst.device)
             raise
-        inst.restore()
+        inst.clear_failure()  # the plugin's own reason, if any, stays
         self._update_gauges()
         inst.log.info("activated (id %d, plugin %s)", inst.varpd_id, inst.search)
 
@@ -685,6 +830,8 @@ class Varpd:
             inst = self._get(name)
             await inst.stop()
             for entry in list(inst.vnics.values()):
+                if entry.vnic is not None:
+                    self.firewall.unbind(entry.vnic)
                 with contextlib.suppress(ShimError):
                     self.driver.remove_vnic(name, entry.mac)
             with contextlib.suppress(ShimError):
@@ -705,7 +852,18 @@ class Varpd:
         ]
 
     def show(self, name: str) -> dict[str, object]:
-        return self._get(name).detail()
+        inst = self._get(name)
+        out = inst.detail()
+        out["firewall"] = {
+            "enabled": self.fetcher is not None,
+            "state": self.fetcher.state if self.fetcher is not None else "disabled",
+            "generation": self.firewall.generation,
+            # per VNIC: None = not filtered (not in the policy, or no policy yet)
+            "vnics": {
+                format_mac(mac): self._vnic_firewall(entry) for mac, entry in inst.vnics.items()
+            },
+        }
+        return out
 
     def info(self) -> dict[str, object]:
         return {
@@ -717,6 +875,8 @@ class Varpd:
             "plugins": PLUGINS.available(),
             "uptime": round(time.time() - self.started_at, 3),
             "moved_aside": [{"file": f, "reason": r} for f, r in self.moved_aside],
+            "firewall": self.fetcher.state if self.fetcher is not None else "disabled",
+            "firewall_generation": self.firewall.generation,
         }
 
     # cache ----------------------------------------------------------------
@@ -789,9 +949,7 @@ class Varpd:
                 try:
                     await self._persist(inst)
                 except VarpdError:
-                    with contextlib.suppress(ShimError):
-                        self.driver.remove_vnic(name, entry.mac)
-                    del inst.vnics[entry.mac]
+                    self._remove_vnic(inst, entry)
                     raise
             return entry.to_json()
 
@@ -805,7 +963,9 @@ class Varpd:
                 self.driver.remove_vnic(name, raw)
             except ShimError as exc:
                 raise shim_error(exc, "mac") from None
-            del inst.vnics[raw]
+            entry = inst.vnics.pop(raw)
+            if entry.vnic is not None:
+                self.firewall.unbind(entry.vnic)
             if inst.state == ACTIVE:
                 await self._persist(inst)
 

@@ -113,7 +113,8 @@ class Instance:
         self.vnics: dict[bytes, VnicEntry] = {}
         self.state = CREATED
         self.plugin: Plugin | None = None
-        self.degraded_reason: str | None = None
+        self.degraded_reason: str | None = None  # the plugin's (PluginHost.degrade)
+        self.failure: str | None = None  # the daemon's (activation / restore failed)
         self._stopping = False
         self._inflight: set[trio.CancelScope] = set()
         self._on_change = on_change or (lambda: None)
@@ -139,10 +140,11 @@ class Instance:
     # ------------------------------------------------------------------ PluginHost
 
     def degrade(self, reason: str) -> None:
+        """The plugin reports a problem. Remembered even when the driver cannot take it yet
+        (before ``associate``): `associate` applies it then."""
         reason = reason[:255]
         self.degraded_reason = reason
-        with contextlib.suppress(ShimError):
-            self.driver.degrade(self.device, reason)
+        self._push_status()
         self.log.warning("degraded: %s", reason)
         self._on_change()
 
@@ -150,10 +152,44 @@ class Instance:
         if self.degraded_reason is None:
             return
         self.degraded_reason = None
-        with contextlib.suppress(ShimError):
-            self.driver.restore(self.device)
+        self._push_status()
         self.log.info("restored")
         self._on_change()
+
+    # the daemon's own reason (activation/restore failed), kept apart from the plugin's so
+    # that a successful activation clears only what the daemon set
+
+    @property
+    def reason(self) -> str | None:
+        """What the device's degraded message should say (the daemon's reason wins)."""
+        return self.failure or self.degraded_reason
+
+    def set_failure(self, reason: str) -> None:
+        self.failure = reason[:255]
+        self._push_status()
+        self.log.warning("degraded: %s", self.failure)
+        self._on_change()
+
+    def clear_failure(self) -> None:
+        if self.failure is None:
+            return
+        self.failure = None
+        self._push_status()
+        self._on_change()
+
+    def _push_status(self) -> bool:
+        """Mirror `reason` into the driver; False when the driver refused (e.g. ENXIO before
+        association, as illumos' OVERLAY_TARG_DEGRADE does)."""
+        reason = self.reason
+        try:
+            if reason is None:
+                self.driver.restore(self.device)
+            else:
+                self.driver.degrade(self.device, reason)
+        except ShimError as exc:
+            self.log.debug("driver status not updated yet: %s", exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ properties
 
@@ -262,6 +298,10 @@ class Instance:
             self.driver.associate(self.device, self.varpd_id, self.mode, point)
         except ShimError as exc:
             raise shim_error(exc, what=f"cannot associate {self.device}") from None
+        # A plugin may have degraded the instance during start, before the device had a
+        # varpd: the driver may have refused it then, so apply the reason now.
+        if self.reason is not None:
+            self._push_status()
 
     async def stop(self) -> None:
         """Cancel in-flight lookups, then stop the plugin (idempotent)."""
@@ -275,6 +315,11 @@ class Instance:
                 await plugin.stop()
             except Exception:
                 self.log.exception("plugin %s failed to stop cleanly", self.search)
+            if self.degraded_reason is not None:
+                # a stopped plugin's complaint is stale; a new start reports afresh
+                self.degraded_reason = None
+                self._push_status()
+                self._on_change()
 
     @contextlib.contextmanager
     def lookup_scope(self) -> Iterator[trio.CancelScope]:
@@ -306,8 +351,8 @@ class Instance:
 
     def summary(self) -> dict[str, object]:
         status = self._driver_status()
-        degraded = self.degraded_reason is not None or bool(status and status.degraded)
-        reason = self.degraded_reason or (status.message if status and status.degraded else None)
+        degraded = self.reason is not None or bool(status and status.degraded)
+        reason = self.reason or (status.message if status and status.degraded else None)
         return {
             "name": self.device,
             "id": self.varpd_id,

@@ -18,6 +18,13 @@ to stderr) or could not be reached; 2 the command line itself was wrong (argpars
     portolan vnic show MAC | move MAC --cn UUID | rm MAC
     portolan vnic update MAC [--ip A] [--cn UUID] [--tag k=v ... | --clear-tags]
                              [--firewall | --no-firewall] [--owner-uuid U] [--belongs-to U]
+    portolan rule add 'RULE TEXT' (--owner-uuid U | --global) [--enabled] [--description D]
+                      [--log] [--uuid U]
+    portolan rule list [--owner-uuid U] [--vnic MAC] [--tag NAME[=VALUE] ...]
+                       [--enabled | --disabled] [--global | --owned]
+    portolan rule show UUID | rm UUID | vnics UUID
+    portolan rule update UUID [--rule TEXT] [--enable | --disable] [--log | --no-log]
+                              [--description D] [--owner-uuid U | --global]
 """
 
 from __future__ import annotations
@@ -148,6 +155,14 @@ VNIC_COLUMNS = [
     ("NETWORK_UUID", "network_uuid"),
     ("FIREWALL", "firewall_enabled"),
     ("TAGS", "tags"),
+]
+
+RULE_COLUMNS = [
+    ("UUID", "uuid"),
+    ("ENABLED", "enabled"),
+    ("OWNER", "owner_uuid"),
+    ("VERSION", "version"),
+    ("RULE", "rule"),
 ]
 
 
@@ -297,6 +312,59 @@ def cmd_vnic_rm(api: ApiClient, args: argparse.Namespace) -> Any:
     return f"removed vnic {args.mac}"
 
 
+def cmd_rule_add(api: ApiClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"rule": args.rule, "enabled": args.enabled, "log": args.log}
+    _set_if(body, "owner_uuid", args.owner_uuid)
+    if args.is_global:
+        body["global"] = True
+    _set_if(body, "description", args.description)
+    _set_if(body, "uuid", args.uuid)
+    return api.request("POST", "/rules", body=body)
+
+
+def cmd_rule_list(api: ApiClient, args: argparse.Namespace) -> Any:
+    params: dict[str, Any] = {}
+    _set_if(params, "owner_uuid", args.owner_uuid)
+    _set_if(params, "vnic", args.vnic)
+    if args.tag:
+        params["tag"] = list(args.tag)
+    if args.enabled is not None:
+        params["enabled"] = "true" if args.enabled else "false"
+    if args.is_global is not None:
+        params["global"] = "true" if args.is_global else "false"
+    return api.request("GET", "/rules", params=params)
+
+
+def cmd_rule_show(api: ApiClient, args: argparse.Namespace) -> Any:
+    return api.request("GET", f"/rules/{_path_part(args.uuid)}")
+
+
+def cmd_rule_update(api: ApiClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {}
+    _set_if(body, "rule", args.rule)
+    _set_if(body, "enabled", args.enabled)
+    _set_if(body, "log", args.log)
+    _set_if(body, "description", args.description)
+    _set_if(body, "owner_uuid", args.owner_uuid)
+    if args.is_global:
+        body["global"] = True
+    if not body:
+        raise argparse.ArgumentTypeError(
+            "nothing to change: give --rule, --enable, --disable, --log, --no-log, "
+            "--description, --owner-uuid or --global"
+        )
+    return api.request("PUT", f"/rules/{_path_part(args.uuid)}", body=body)
+
+
+def cmd_rule_rm(api: ApiClient, args: argparse.Namespace) -> Any:
+    api.request("DELETE", f"/rules/{_path_part(args.uuid)}")
+    return f"removed rule {args.uuid}"
+
+
+def cmd_rule_vnics(api: ApiClient, args: argparse.Namespace) -> Any:
+    return api.request("GET", f"/rules/{_path_part(args.uuid)}/vnics")
+
+
 # -- wiring --------------------------------------------------------------------------------
 
 Command = Callable[[ApiClient, argparse.Namespace], Any]
@@ -358,7 +426,7 @@ def _vnet_id(text: str) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``cn``, ``network`` and ``vnic`` commands to ``portolan``'s parser."""
+    """Add the ``cn``, ``network``, ``vnic`` and ``rule`` commands to ``portolan``'s parser."""
     common = _common_options()
 
     def leaf(group: Any, name: str, help: str, command: Command, columns: Any) -> Any:
@@ -449,3 +517,49 @@ def register(subparsers: Any) -> None:
     fw.add_argument("--no-firewall", dest="firewall", action="store_const", const=False)
     p = leaf(vnic_sub, "rm", "remove a VNIC", cmd_vnic_rm, VNIC_COLUMNS)
     p.add_argument("mac", metavar="MAC")
+
+    # rule ----------------------------------------------------------------------------------
+    rule = subparsers.add_parser("rule", help="firewall rules (FWAPI-style rule language)")
+    rule_sub = rule.add_subparsers(dest="rule_command", metavar="ACTION", required=True)
+    p = leaf(rule_sub, "add", "create a firewall rule", cmd_rule_add, RULE_COLUMNS)
+    p.add_argument("rule", metavar="RULE", help="rule text, e.g. 'FROM any TO all vms ALLOW ...'")
+    owner = p.add_mutually_exclusive_group()
+    owner.add_argument("--owner-uuid", metavar="UUID", help="the customer the rule belongs to")
+    owner.add_argument(
+        "--global", dest="is_global", action="store_true", help="a global (operator) rule"
+    )
+    p.add_argument("--enabled", action="store_true", help="enable it (default: disabled)")
+    p.add_argument("--log", action="store_true", help="log matching connections")
+    p.add_argument("--description", metavar="TEXT")
+    p.add_argument("--uuid", metavar="UUID", help="the rule's uuid (generated when not given)")
+    p = leaf(rule_sub, "list", "list firewall rules", cmd_rule_list, RULE_COLUMNS)
+    p.add_argument("--owner-uuid", metavar="UUID")
+    p.add_argument("--vnic", metavar="MAC", help="rules that apply to this VNIC")
+    p.add_argument("--tag", action="append", metavar="NAME[=VALUE]", help="rules naming a tag")
+    en = p.add_mutually_exclusive_group()
+    en.add_argument("--enabled", dest="enabled", action="store_const", const=True, default=None)
+    en.add_argument("--disabled", dest="enabled", action="store_const", const=False)
+    gl = p.add_mutually_exclusive_group()
+    gl.add_argument("--global", dest="is_global", action="store_const", const=True, default=None)
+    gl.add_argument("--owned", dest="is_global", action="store_const", const=False)
+    p = leaf(rule_sub, "show", "show one firewall rule", cmd_rule_show, RULE_COLUMNS)
+    p.add_argument("uuid", metavar="UUID")
+    p = leaf(rule_sub, "update", "change a firewall rule", cmd_rule_update, RULE_COLUMNS)
+    p.add_argument("uuid", metavar="UUID")
+    p.add_argument("--rule", metavar="TEXT", help="new rule text")
+    en = p.add_mutually_exclusive_group()
+    en.add_argument("--enable", dest="enabled", action="store_const", const=True, default=None)
+    en.add_argument("--disable", dest="enabled", action="store_const", const=False)
+    lg = p.add_mutually_exclusive_group()
+    lg.add_argument("--log", dest="log", action="store_const", const=True, default=None)
+    lg.add_argument("--no-log", dest="log", action="store_const", const=False)
+    p.add_argument("--description", metavar="TEXT")
+    owner = p.add_mutually_exclusive_group()
+    owner.add_argument("--owner-uuid", metavar="UUID")
+    owner.add_argument("--global", dest="is_global", action="store_true")
+    p = leaf(rule_sub, "rm", "remove a firewall rule", cmd_rule_rm, RULE_COLUMNS)
+    p.add_argument("uuid", metavar="UUID")
+    p = leaf(
+        rule_sub, "vnics", "the VNICs a firewall rule applies to", cmd_rule_vnics, VNIC_COLUMNS
+    )
+    p.add_argument("uuid", metavar="UUID")

@@ -12,7 +12,7 @@ from types import ModuleType
 from portolan.cli import load, lookup, serve
 
 #: optional command modules, registered only when they can be imported
-OPTIONAL_COMMANDS = ("portolan.cli.admin",)
+OPTIONAL_COMMANDS = ("portolan.cli.admin", "portolan.cli.demo")
 
 
 def _optional_module(name: str) -> ModuleType | None:

@@ -9,6 +9,7 @@ Task tree (one trio run, no threads but the store's bounded worker threads)::
         portolan.api.serve_api         hypercorn on trio (when portolan.api is importable)
         serve_metrics                  /metrics responder
         follow_store                   reloads the index after writes by other processes
+        Coherence.run (PostgreSQL)     LISTEN/NOTIFY + changes feed, instead of follow_store
       READY line on stdout once the three are bound
 
 Coherence with writers outside this process: the Directory updates the index itself after its
@@ -212,12 +213,23 @@ async def serve_portolan(
             else:
                 log.warning("portolan.api is not available: serving without the management API")
             bound["metrics"] = await nursery.start(serve_metrics, metrics, *config.metrics)
-            if config.reload_interval > 0:
+            if getattr(directory.store, "dialect", "") == "postgresql":
+                # other instances may share the database: follow their changes (LISTEN/NOTIFY)
+                await nursery.start(start_coherence(directory, config.store).run)
+            elif config.reload_interval > 0:
                 nursery.start_soon(follow_store, directory, config.reload_interval)
             task_status.started(bound)
     finally:
         with trio.CancelScope(shield=True):
             await directory.aclose()
+
+
+def start_coherence(directory: Any, url: str) -> Any:
+    """The cross-instance coherence task of a PostgreSQL store (portolan.coherence). Remote
+    changes reach the Directory's subscribers (the firewall policy service) as ``None``."""
+    from portolan.coherence import Coherence
+
+    return Coherence(directory, url)
 
 
 async def follow_store(directory: Any, interval: float) -> None:

@@ -3,9 +3,10 @@ fabric routes and (later) firewall rules.
 
 Theory of operation
 -------------------
-``open_store(url)`` returns a ``Store`` (``sqlite:PATH``, ``sqlite::memory:``; PostgreSQL is
-the next backend). Its API is synchronous: the Directory runs it in
-``trio.to_thread.run_sync`` under a ``trio.CapacityLimiter`` (1 for SQLite). Work happens in
+``open_store(url)`` returns a ``Store`` (``sqlite:PATH``, ``sqlite::memory:``,
+``postgresql://...``: ``postgres.PostgresStore``, shared by several portolan instances). Its API
+is synchronous: the Directory runs it in ``trio.to_thread.run_sync`` under a
+``trio.CapacityLimiter`` (``store.workers``: 1 for SQLite, the pool size for PostgreSQL). Work happens in
 ``with store.transaction() as tx:`` blocks; ``tx`` (``base.Tx``) carries every query, written
 once in portable SQL. A backend supplies only the connection, BEGIN/COMMIT, placeholder style
 and the mapping of driver exceptions:
@@ -39,7 +40,7 @@ def open_store(url: str, *, migrate: bool = True) -> Store:
     """Open the store named by ``url`` and bring its schema up to date.
 
     ``sqlite:PATH`` (also ``sqlite:///abs/path`` and ``sqlite::memory:``);
-    ``postgresql://...`` / ``postgres://...`` once the PostgreSQL backend lands.
+    ``postgresql://...`` / ``postgres://...`` (libpq connection URLs).
     """
     if url.startswith("sqlite:"):
         from .sqlite import SqliteStore

@@ -550,6 +550,8 @@ class Store(ABC):
     """
 
     dialect: str = ""
+    #: how many worker threads may use the store at once (the Directory's CapacityLimiter)
+    workers: int = 1
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -570,6 +572,13 @@ class Store(ABC):
 
     def _lock_for_migration(self, tx: Tx) -> None:  # noqa: B027 (optional hook)
         """Hook: serialise concurrent migrations (PostgreSQL: an advisory lock)."""
+
+    def record_change(self, tx: Tx, change: Any) -> None:  # noqa: B027 (optional hook)
+        """Hook: called inside every committed write transaction with its ``IndexChange``.
+
+        PostgreSQL appends it to the changes feed and NOTIFYs the other instances (delivered
+        on commit); SQLite does nothing.
+        """
 
     # -- schema ------------------------------------------------------------------------------
     def schema_version(self) -> int:

@@ -24,6 +24,13 @@ Tables (version 1):
   enabled, rule, description, log, version, created). ``global`` is spelled ``is_global`` to
   stay clear of SQL keywords.
 Booleans are stored as integers 0/1 in every dialect (one conversion rule in Python).
+
+Version 2 adds ``changes(version PK, payload)``: the changes feed. A backend whose
+``Store.record_change`` is not a no-op (PostgreSQL) writes one row per committed change, in
+the change's own transaction, naming the keys it touched (``portolan.store.notify``); other
+instances read ``version > cursor`` to catch up. ``meta.changes_floor`` is the highest
+version pruned from it: an instance whose cursor is below it reloads its index in full.
+SQLite leaves the table empty.
 """
 
 from __future__ import annotations
@@ -151,6 +158,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
             "CREATE INDEX rules_owner ON rules (owner_uuid)",
             "INSERT INTO meta (key, value) VALUES ('version', 0)",
+        ),
+    ),
+    Migration(
+        2,
+        "changes feed: one row per committed change, for other instances sharing the database",
+        (
+            """CREATE TABLE changes (
+                version {BIGINT} PRIMARY KEY,
+                payload TEXT NOT NULL
+            )""",
+            "INSERT INTO meta (key, value) VALUES ('changes_floor', 0)",
         ),
     ),
 )

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import struct
 import time
+import zlib
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portolan.index import IndexChange, LookupIndex
+from portolan.index import IndexChange, LookupIndex, vl2_key, vl3_key
 from portolan.model import ComputeNode, Route, Vnic
 from portolan.store import Snapshot
+from portolan.svp_server import SvpServer
 from protocol.addr import ip_to_wire, mac_to_int
+from protocol.svp import Status, VL2Ack, VL2Request, VL3Ack, VL3Request, VL3Type, decode_frame
 from tests.portolan.conftest import CN1, CN2, CN3
 
 MAC1 = bytes.fromhex("000a959d6816")
 MAC2 = bytes.fromhex("020000000002")
 UL1 = ip_to_wire("192.168.1.1")
 UL2 = ip_to_wire("192.168.1.2")
+ZERO = bytes(16)
 
 
 def _snapshot() -> Snapshot:
@@ -218,3 +224,172 @@ def test_apply_agrees_with_a_naive_model(ops: list[tuple[str, int, int, str, int
         assert idx.vl3(ip_to_wire(f"10.0.0.{i}"), 7) == want3
     for c, ip in cns.items():
         assert idx.cns_for_underlay_ip(ip_to_wire(ip)) == [c]
+    # the lane (wire-keyed tables) and the iterators agree with the same model
+    lane = _lane(
+        idx,
+        [VL2Request(m, bytes([2, 0, 0, 0, 0, m]), 7).encode() for m in range(6)]
+        + [VL3Request(i, ip_to_wire(f"10.0.0.{i}"), 1, 7).encode() for i in range(4)],
+    )
+    for m, reply in enumerate(lane[:6]):
+        v = vnics.get(m)
+        assert (reply.port, reply.addr) == ((4789, ip_to_wire(cns[v.cn_uuid])) if v else (0, ZERO))
+    for i, reply in enumerate(lane[6:]):
+        holder = next((v for v in vnics.values() if v.ip == f"10.0.0.{i}"), None)
+        assert reply.mac == (holder.mac if holder else bytes(6))
+    assert sorted(idx.vl2_items()) == sorted(
+        (v.mac, 7, 4789, ip_to_wire(cns[v.cn_uuid])) for v in vnics.values()
+    )
+    assert sorted(idx.vl3_items()) == sorted(
+        (ip_to_wire(v.ip), 7, v.mac, 4789, ip_to_wire(cns[v.cn_uuid])) for v in vnics.values()
+    )
+
+
+# -- the wire-keyed layout (what the SVP server's lookup lane probes) ----------------------------
+
+
+class _Dir:
+    def __init__(self, index: LookupIndex) -> None:
+        self.index = index
+
+
+def _lane(idx: LookupIndex, frames: list[bytes]) -> list[Any]:
+    """Run the SVP server's lookup lane over ``frames``; the decoded replies."""
+    out: list[bytes] = []
+    data = b"".join(frames)
+    assert SvpServer(_Dir(idx))._lookup_lane(data, 0, out) == len(data)
+    return [decode_frame(f) for f in _split(b"".join(out))]
+
+
+def _split(data: bytes) -> list[bytes]:
+    frames = []
+    while data:
+        end = 16 + int.from_bytes(data[4:8], "big")
+        frames.append(data[:end])
+        data = data[end:]
+    return frames
+
+
+def _vl2_frame(rid: int, mac: bytes, vnet: int, version: int = 1, pad: bytes = b"\0\0") -> bytes:
+    """A VL2_REQ frame with an arbitrary pad (the encoder always writes zeros)."""
+    body = mac + pad + vnet.to_bytes(4, "big")
+    head = struct.pack(">HHII", version, 3, 12, rid)
+    crc = zlib.crc32(head + bytes(4) + body)
+    return head + crc.to_bytes(4, "big") + body
+
+
+def test_keys_are_the_request_bodies_with_the_pad_zeroed_and_the_type_canonical() -> None:
+    assert vl2_key(MAC1, 12340) == VL2Request(7, MAC1, 12340).encode()[16:]
+    ip4, ip6 = ip_to_wire("10.0.0.1"), ip_to_wire("fd00::2")
+    assert vl3_key(ip4, 12340) == VL3Request(7, ip4, VL3Type.IP, 12340).encode()[16:]
+    assert vl3_key(ip6, 12340) == VL3Request(7, ip6, VL3Type.IPV6, 12340).encode()[16:]
+
+
+def test_the_lane_answers_what_vl2_and_vl3_answer() -> None:
+    idx = LookupIndex()
+    idx.load(_snapshot())
+    ip1, ip2 = ip_to_wire("10.0.0.1"), ip_to_wire("fd00::2")
+    frames = [
+        _vl2_frame(1, MAC1, 12340),
+        _vl2_frame(2, MAC2, 12340, version=2),
+        _vl2_frame(3, MAC1, 12340, pad=b"\xab\xcd"),  # a non-zero pad is still a hit
+        _vl2_frame(4, MAC1, 12341),
+        VL3Request(5, ip1, VL3Type.IP, 12340).encode(),
+        VL3Request(6, ip2, VL3Type.IPV6, 12340, version=2).encode(),
+        VL3Request(7, ip1, VL3Type.IPV6, 12340).encode(),  # the type is ignored
+        VL3Request(8, ip2, 9, 12340).encode(),
+        VL3Request(9, ip1, VL3Type.IP, 12341).encode(),
+        VL3Request(0xFFFFFFFF, ip_to_wire("10.0.0.2"), VL3Type.IP, 12340).encode(),
+    ]
+    ok, nf = int(Status.OK), int(Status.NOTFOUND)
+    assert _lane(idx, frames) == [
+        VL2Ack(1, ok, 4789, UL1),
+        VL2Ack(2, ok, 4790, UL2, version=2),
+        VL2Ack(3, ok, 4789, UL1),
+        VL2Ack(4, nf, 0, bytes(16)),
+        VL3Ack(5, ok, MAC1, 4789, UL1),
+        VL3Ack(6, ok, MAC2, 4790, UL2, version=2),
+        VL3Ack(7, ok, MAC1, 4789, UL1),
+        VL3Ack(8, ok, MAC2, 4790, UL2),
+        VL3Ack(9, nf, bytes(6), 0, bytes(16)),
+        VL3Ack(0xFFFFFFFF, nf, bytes(6), 0, bytes(16)),
+    ]
+
+
+def test_a_cn_address_change_writes_nothing_per_vnic() -> None:
+    n = 5000
+    cns = [ComputeNode(CN1, "192.168.1.1", 4789, 1), ComputeNode(CN2, "192.168.1.2", 4789, 1)]
+    vnics = [(0x020000000000 + i, f"10.0.{i >> 8}.{i & 255}", 7, CN1) for i in range(n)]
+    idx = LookupIndex()
+    idx.load(Snapshot(version=1, cns=cns, vnics=vnics))
+    vl2, vl3 = idx._vl2, idx._vl3
+    vl2_before, vl3_before = dict(vl2), dict(vl3)
+    idx.apply(IndexChange(2, cns_put=(ComputeNode(CN1, "172.16.0.9", 4800, 2),)))
+    # the per-VNIC tables are untouched: the move is the CN's slot alone
+    assert idx._vl2 is vl2 and idx._vl3 is vl3
+    assert vl2 == vl2_before and vl3 == vl3_before
+    new_ul = ip_to_wire("172.16.0.9")
+    mac = (0x020000000000 + 4321).to_bytes(6, "big")
+    assert idx.vl2(mac, 7) == (4800, new_ul)
+    assert idx.vl3(ip_to_wire("10.0.16.225"), 7) == (mac, 4800, new_ul)
+    assert _lane(idx, [VL2Request(1, mac, 7).encode()]) == [VL2Ack(1, 0, 4800, new_ul)]
+
+
+def test_a_removed_cn_comes_back_with_its_vnics() -> None:
+    idx = LookupIndex()
+    idx.load(_snapshot())
+    idx.apply(IndexChange(6, cns_removed=(CN1,)))
+    assert idx.vl2(MAC1, 12340) is None and idx.cn(CN1) is None
+    assert idx.vl3(ip_to_wire("10.0.0.1"), 12340) is None
+    assert _lane(idx, [VL2Request(1, MAC1, 12340).encode()])[0].status == Status.NOTFOUND
+    assert idx.stats()["cns"] == 1 and idx.cns_for_underlay_ip(UL1) == []
+    idx.apply(IndexChange(7, cns_put=(ComputeNode(CN1, "192.168.1.7", 4789, 7),)))
+    ul = ip_to_wire("192.168.1.7")
+    assert idx.vl2(MAC1, 12340) == (4789, ul) and idx.cn(CN1) == (4789, ul)
+    assert idx.vl3(ip_to_wire("10.0.0.1"), 12340) == (MAC1, 4789, ul)
+
+
+def test_a_vnic_on_an_unknown_cn_misses_until_the_cn_is_put() -> None:
+    idx = LookupIndex()
+    idx.load(_snapshot())
+    idx.apply(IndexChange(6, vnics_put=(Vnic(MAC1, "10.0.0.5", 99, 0, CN3),)))
+    assert idx.vl2(MAC1, 99) is None and idx.vl3(ip_to_wire("10.0.0.5"), 99) is None
+    total, records = idx.vl2_records(10)
+    assert total == 3 and len(records) == 2  # counted, but not listed while unresolvable
+    idx.apply(IndexChange(7, cns_put=(ComputeNode(CN3, "192.168.1.3", 4789, 7),)))
+    assert idx.vl2(MAC1, 99) == (4789, ip_to_wire("192.168.1.3"))
+
+
+def test_vnet_ids_beyond_24_bits_are_not_indexed() -> None:
+    snap = _snapshot()
+    snap.vnics.append((mac_to_int(MAC1), "10.0.0.3", 1 << 24, CN1))
+    idx = LookupIndex()
+    idx.load(snap)
+    assert len(idx) == 2
+    idx.apply(IndexChange(6, vnics_put=(Vnic(MAC2, "10.0.0.4", 1 << 24, 0, CN1),)))
+    assert len(idx) == 2
+    assert _lane(idx, [VL2Request(1, MAC2, 1 << 24).encode()])[0].status == Status.NOTFOUND
+
+
+def test_prepare_builds_aside_and_install_swaps_whole() -> None:
+    idx = LookupIndex()
+    idx.load(_snapshot())
+    tables = idx.wire_tables()
+    snap = _snapshot()
+    snap.version = 9
+    snap.vnics = [(mac_to_int(MAC2), "10.0.0.9", 1, CN1)]
+    prepared = LookupIndex.prepare(snap)
+    assert idx.wire_tables() == tables and idx.vl2(MAC1, 12340) == (4789, UL1)  # untouched
+    idx.install(prepared)
+    assert idx.version == 9 and len(idx) == 1
+    assert idx.vl2(MAC1, 12340) is None and idx.vl2(MAC2, 1) == (4789, UL1)
+    assert all(new is not old for new, old in zip(idx.wire_tables(), tables, strict=True))
+
+
+def test_bulk_records_are_bounded_and_count_everything() -> None:
+    idx = LookupIndex()
+    idx.load(_snapshot())
+    total, recs = idx.vl2_records(1)
+    assert total == 2 and len(recs) == 1 and recs[0] in list(idx.vl2_items())
+    total, recs = idx.vl3_records(5)
+    assert total == 2 and sorted(recs) == sorted(idx.vl3_items())
+    assert idx.vl2_records(0) == (2, [])

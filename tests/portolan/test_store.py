@@ -104,9 +104,10 @@ def test_memory_store_works() -> None:
         assert store.snapshot().cns == [ComputeNode(CN1, "192.168.1.1", 4789, 1)]
 
 
-def test_postgresql_url_is_not_implemented_yet() -> None:
-    with pytest.raises(NotImplementedError, match="PostgreSQL"):
-        open_store("postgresql://localhost/portolan")
+def test_an_unreachable_postgresql_url_is_store_unavailable() -> None:
+    # (the PostgreSQL backend's behaviour is pinned in test_store_backends.py)
+    with pytest.raises(StoreUnavailable, match="database unreachable"):
+        open_store("postgresql://portolan@127.0.0.1:1/portolan")
 
 
 def test_unknown_url_scheme_is_refused() -> None:
