@@ -867,7 +867,7 @@ class Demo(Scenario):
 
     def print_header(self) -> None:
         say = self.events.say
-        say("portolan demo: one portolan and three compute nodes in this process")
+        say("\nportolan demo: one portolan and three compute nodes in this process")
         say(f"  work folder  {self.workdir}")
         svp, api, met = (self.bound[k] for k in ("svp", "api", "metrics"))
         say(
@@ -917,10 +917,13 @@ class Demo(Scenario):
             await self.start_portolan(nursery)
             async with httpx.AsyncClient(base_url=self.api_url, timeout=10.0) as http:
                 self.http = http
-                self.events.say("== setup through the management API")
+                self.events.say(
+                    f"== setup: compute nodes and the network through the API at {self.api_url}"
+                )
                 await self.provision_network()
                 await self.start_nodes(nursery)
                 self.print_header()
+                self.events.say("\n== setup: VNICs through the API, plugged into their varpd")
                 await self.provision_vnics()
                 await self.step(
                     "arp",

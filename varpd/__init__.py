@@ -6,7 +6,7 @@ The overlay design splits one question in two. The driver (`varpd.shim`, our mod
 illumos kernel overlay driver) knows *how* to put a frame on the wire (VXLAN) and keeps a
 per-device target cache; varpd knows *where* a destination lives, by asking a search plugin.
 varpd owns: the instances (one per overlay device), the plugins (`direct`, `files`, `svp`),
-the lookup worker pool, the ARP/NDP/DHCP proxies, the state files, the control socket and its
+the lookup worker pool, the ARP/NDP/DHCP proxies, the per-VNIC firewall, the state files, the control socket and its
 `varpdadm` command line, and a Prometheus endpoint.
 
 ::
@@ -75,6 +75,16 @@ with the reason, so that fixing it and ``varpdadm activate`` brings it back. Con
 restored are then created and activated (the state file wins over the config for a device that
 exists in both: the config is the seed, varpdadm changes are authoritative). The in-process
 "kernel" restarts empty, so a record carries its device too, and target caches start empty.
+
+The firewall
+------------
+When ``portolan_api`` (and ``cn_uuid``) is set, a `varpd.firewall.PolicyFetcher` long-polls
+``GET {portolan_api}/firewalls/cns/{cn_uuid}/policy`` in the daemon's nursery and hands every
+new document to ``Varpd.firewall`` (a `varpd.firewall.FirewallTable`), which compiles it and
+swaps it in whole; a refetch after a reconnect replaces everything. Every VNIC the daemon adds
+is bound to the table, so its shim ``Vnic.filter`` is its compiled `VnicFirewall` while the
+policy names its MAC and ``None`` otherwise. A background task expires idle flows every 10 s.
+The filter runs synchronously in the shim's frame path; nothing in it awaits.
 
 Control socket
 --------------
