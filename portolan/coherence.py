@@ -150,8 +150,11 @@ class Coherence:
                         await self.reload()
                         full = False
                     await self.catch_up()
-                except (StoreUnavailable, OSError) as exc:
-                    log.warning("catching up with the store failed (%s); retrying", exc)
+                except Exception as exc:  # never let a bad moment take portolan down
+                    if isinstance(exc, StoreUnavailable | OSError):
+                        log.warning("catching up with the store failed (%s); retrying", exc)
+                    else:
+                        log.exception("catching up with the store failed; retrying")
                     deadline = trio.current_time() + retry
                     retry = min(retry * 2, self.retry_max)
                     continue

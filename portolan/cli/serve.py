@@ -283,4 +283,24 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"portolan serve: cannot start: {exc}", file=sys.stderr)
         return 1
+    except BaseException as exc:
+        unavailable = _store_unavailable(exc)
+        if unavailable is None:
+            raise
+        print(f"portolan serve: cannot open the store: {unavailable}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _store_unavailable(exc: BaseException) -> BaseException | None:
+    """The StoreUnavailable inside ``exc`` (possibly wrapped in exception groups), if any."""
+    from portolan.errors import StoreUnavailable
+
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _store_unavailable(inner)
+            if found is not None:
+                return found
+    return None

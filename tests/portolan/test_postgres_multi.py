@@ -49,7 +49,7 @@ from protocol.svp import (
     VL3Type,
     decode_frame,
 )
-from tests.e2e.conftest import PortolanProcess, start_portolan
+from tests.e2e.conftest import PortolanProcess, run_portolan, start_portolan
 from tests.portolan.conftest import CN1, CN2, CN3, OWNER, VNET
 from tests.support import pg_fixtures
 from tests.support.pg_fixtures import create_database
@@ -383,6 +383,23 @@ async def test_an_unreachable_database_fails_fast_with_a_clear_message() -> None
     assert time.monotonic() - t0 < 3
     assert "database unreachable" in ei.value.message
     assert ei.value.http_status == 503 and ei.value.code == "ServiceUnavailable"
+
+
+def test_serve_with_an_unreachable_database_exits_with_one_clear_line() -> None:
+    r = run_portolan(
+        "serve",
+        "--store",
+        "postgresql://portolan@127.0.0.1:1/portolan",
+        "--svp-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    )
+    assert r.returncode == 1
+    assert "cannot open the store: database unreachable" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 # -- real `portolan serve` processes -----------------------------------------------------------
