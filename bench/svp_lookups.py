@@ -17,6 +17,7 @@ Printed: VL2 and VL3 lookups/s for each size, the ratio to the ceiling's rate, t
 rate within 10% of the 10k rate. Results go to bench/results/svp_lookups.json.
 
     python -m bench.svp_lookups [--quick] [--connections 2] [--window 64] [--duration 4]
+    python -m bench.svp_lookups --micro [--quick]   # the lookup lane alone, in-process
 """
 
 from __future__ import annotations
@@ -232,6 +233,69 @@ def _check_found(address: tuple[str, int], vl2: bytes, vl3: bytes) -> None:
             raise RuntimeError(f"benchmark request not found by the server: {reply!r}")
 
 
+# --------------------------------------------------------------------------------------------
+# Micro-benchmark: the server's lookup lane in-process, no sockets (``--micro``)
+
+
+def micro(sizes: list[int], rounds: int = 25) -> dict[str, Any]:
+    """ns per request of ``SvpServer._lookup_lane`` (header + CRC check, lookup, reply) over
+    batches of 64 VL2 / VL3 frames, for random existing VNICs: the bench's 4096 cycled
+    requests and 200k distinct ones. Best of ``rounds`` passes (4096 frames) or of 3 passes
+    (200k): the machine's other load only ever adds."""
+    import gc
+
+    from portolan.index import LookupIndex
+    from portolan.model import ComputeNode
+    from portolan.store import Snapshot
+    from portolan.svp_server import SvpServer
+
+    class _Dir:
+        index: Any = None
+
+    out: dict[str, Any] = {}
+    for n in sizes:
+        snap = Snapshot(
+            version=1,
+            cns=[ComputeNode(cn_uuid(c), cn_ip(c), 4789, 1) for c in range(CN_COUNT)],
+            vnics=[
+                (
+                    int.from_bytes(vnic_mac(i), "big"),
+                    vnic_ip(i),
+                    vnic_vnet(i),
+                    cn_uuid(i % CN_COUNT),
+                )
+                for i in range(n)
+            ],
+        )
+        directory = _Dir()
+        directory.index = LookupIndex()
+        started = time.perf_counter()
+        directory.index.load(snap)
+        row: dict[str, Any] = {"load_s": round(time.perf_counter() - started, 2)}
+        del snap
+        gc.collect()
+        lane = SvpServer(directory)._lookup_lane
+        for label, count, passes in (("4096", FRAMES_PER_KIND, rounds), ("200k", 200_000, 3)):
+            saved, globals()["FRAMES_PER_KIND"] = FRAMES_PER_KIND, count
+            try:
+                vl2, vl3 = request_frames(n, seed=n)
+            finally:
+                globals()["FRAMES_PER_KIND"] = saved
+            for kind, frames in (("vl2", vl2), ("vl3", vl3)):
+                batches = [b"".join(frames[i : i + 64]) for i in range(0, count, 64)]
+                best = float("inf")
+                for _ in range(passes):
+                    t0 = time.perf_counter()
+                    for data in batches:
+                        lane(data, 0, [])
+                    best = min(best, (time.perf_counter() - t0) / count)
+                row[f"{kind}_{label}_ns"] = round(best * 1e9)
+        out[str(n)] = row
+        del directory
+        gc.collect()
+    return out
+
+
 def run(quick: bool, args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Run the benchmark; return (and write) the results document."""
     if args is None:
@@ -345,6 +409,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="runs per measurement, the best counts (default 3, quick 1)",
     )
+    p.add_argument(
+        "--micro",
+        action="store_true",
+        help="only the in-process lookup lane micro-benchmark (ns per request, 10k vs 1M)",
+    )
     p.add_argument("--ceiling-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.duration is None:
@@ -360,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.ceiling_server:
         ceiling_server_main()
+        return 0
+    if args.micro:
+        sizes = [1_000, 10_000] if args.quick else [10_000, 1_000_000]
+        rows = micro(sizes)
+        print_table(
+            ["VNICs", *next(iter(rows.values()))],
+            [[f"{int(n):,}", *row.values()] for n, row in rows.items()],
+        )
         return 0
     run(args.quick, args)
     return 0

@@ -27,17 +27,26 @@ The path data takes
         LOG_REQ/LOG_RM -> Directory.fetch_log / remove_log -> store (worker thread)
 
 ``portolan serve`` (cli/serve.py) runs it all in one trio run: the SVP server, the API
-(hypercorn on trio), the ``/metrics`` responder (metrics.py) and `follow_store`, which
-reloads the index when another process (``portolan load`` on the same SQLite file) moved the
-store ahead of it. It prints ``READY svp=H:P api=H:P metrics=H:P`` once everything listens and
-exits 0 on SIGINT/SIGTERM.
+(hypercorn on trio), the ``/metrics`` responder (metrics.py) and one task that keeps the index
+in step with writes made by other processes:
+
+- SQLite: `follow_store` reloads the whole index when another process (``portolan load`` on
+  the same file) moved the store's change counter ahead of it;
+- PostgreSQL (several portolan instances may share one database): ``coherence.Coherence``
+  LISTENs for ``portolan_changes`` and folds the changes feed (``store/notify.py``) into the
+  index key by key, under the Directory's write lock; after a lost LISTEN connection it
+  reloads in full.
+
+It prints ``READY svp=H:P api=H:P metrics=H:P`` once everything listens and exits 0 on
+SIGINT/SIGTERM.
 
 Coherence and invariants
 ------------------------
 - The Directory is the only writer. A mapping change and its shootdown log rows commit in one
   transaction; the index is updated before the call returns, so an SVP answer is never older
   than the last change this process committed (no caches, no TTLs). Changes committed by
-  other processes reach the index within ``--reload-interval`` (default 1 s).
+  other processes reach the index within ``--reload-interval`` (default 1 s) on SQLite, and
+  as soon as their NOTIFY arrives on PostgreSQL.
 - A compute node's log entry lives until that node removes it with LOG_RM: nothing is lost
   across restarts of portolan or of varpd.
 - A LOG_ACK body, status word included, never exceeds the client's ``count``; a reply always
@@ -50,11 +59,13 @@ What may block
 Nothing in the SVP lookup path: index reads are dict gets on the trio thread. Store work runs
 in ``trio.to_thread.run_sync`` under the Directory's limiter (1 for SQLite): API writes,
 LOG_REQ/LOG_RM (each waits in its own connection's order; other connections go on), index
-reloads. Loading the index (startup, reload) is CPU work on the trio thread.
+reloads, PostgreSQL catch-ups; the LISTEN connection waits in its own worker thread. Loading
+the index (startup, reload) is CPU work on the trio thread.
 
 Where to change what
 --------------------
 Wire format: ``protocol/svp.py``. Lookup answers: ``index.py``. Business rules and shootdown
 recipients: ``service.py``. SVP connection handling, the bulk format, FATAL policy:
-``svp_server.py``. Counters: ``metrics.py``. Commands: ``cli/``.
+``svp_server.py``. Cross-instance coherence (PostgreSQL): ``coherence.py``. Counters:
+``metrics.py``. Commands: ``cli/``.
 """

@@ -15,6 +15,8 @@ import secrets
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+from protocol.addr import ZERO_MAC, is_multicast_mac
+
 IPNetwork = IPv4Network | IPv6Network
 IPAddress = IPv4Address | IPv6Address
 
@@ -27,7 +29,8 @@ def random_mac(randbits: Callable[[int], int] = secrets.randbits) -> bytes:
 
 
 def is_unicast_mac(mac: bytes) -> bool:
-    return len(mac) == 6 and not mac[0] & 0x01 and mac != b"\x00" * 6
+    """Six bytes, not multicast/broadcast, not all zeros: a MAC a VNIC may have."""
+    return len(mac) == 6 and not is_multicast_mac(mac) and mac != ZERO_MAC
 
 
 def default_provision_range(net: IPNetwork) -> tuple[IPAddress, IPAddress]:

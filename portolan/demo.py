@@ -72,7 +72,7 @@ from typing import Any, TextIO
 import httpx
 import trio
 
-from protocol.addr import format_mac
+from protocol.addr import format_mac, parse_mac
 from protocol.ethernet import (
     ARP_REQUEST,
     BROADCAST_MAC,
@@ -640,7 +640,7 @@ class Demo(Scenario):
                     "belongs_to_uuid": vm,
                 },
             )
-            mac = bytes.fromhex(vnic["mac"].replace(":", ""))
+            mac = parse_mac(vnic["mac"])
             guest = Guest(name, mac, vnic["ip"], node)
             self.guests[name] = guest
             self.events.macs[mac] = name

@@ -27,10 +27,16 @@ possible (at a million VNICs every object touched is a cache and TLB miss):
   slot u32`` (one 14-byte object per VNIC; its first 10 bytes start the VL3_ACK body).
 - ``_by_ul``: ul ip16 -> [cn_uuid, ...] (unique in practice; a list so duplicates can be seen)
 - ``_routes``: (vnet_id, vlan_id) -> [compiled route, ...] most specific first
+- ``_flat2`` / ``_flat3``: the same two maps again as ``FlatTable`` s, for the lane: open
+  addressing over fixed-size records (``key | state | value``) in one mmap, so a hit reads
+  one record where a dict reads its index slot, entry and key object (each a cache and TLB
+  miss at a million keys). They mirror the dicts, which stay the authority: a live record
+  always agrees with its dict, a key may be missing (a full table), so a probe that ends on
+  an empty record asks the dict. Built by ``prepare`` at twice the keys, never resized.
 
-A VL2 hit is one dict probe and one list index; a VL3 hit one dict probe, one 14-byte value
-and one list index. Answers go through the CN's slot, so a CN's underlay change is a few
-list writes whatever the number of its VNICs.
+``vl2()`` / ``vl3()`` are one dict probe and one list index. The SVP lane answers a hit
+with one flat record and one list index (a precomputed reply body). Answers go through the
+CN's slot, so a CN's underlay change is a few list writes whatever the number of its VNICs.
 
 Invariants
 ----------
@@ -38,6 +44,8 @@ Invariants
   with one misses.
 - Every ``_vl3`` value names the ``_vl2`` entry of the same (mac, vnet) with the same slot
   (``apply`` removes before it adds; a VNIC put writes both).
+- Every live record of ``_flat2`` / ``_flat3`` is in ``_vl2`` / ``_vl3`` with the same value
+  (every dict write or delete is mirrored; a record that cannot be written is left dead).
 - A slot, once given to a CN uuid, is that CN's until the next ``load``; removing the CN only
   clears the slot's ``_ul`` / ``_vl2_body`` / ``_vl2_zbody`` / ``_tail`` (its VNICs then
   miss).
@@ -49,6 +57,7 @@ Invariants
 from __future__ import annotations
 
 import ipaddress
+import mmap
 import socket
 import struct
 import sys
@@ -127,12 +136,19 @@ _K2 = struct.Struct(">HI2xI")  # mac (hi16, lo32), vnet: the VL2 key from a mac 
 _K3_TAIL = struct.Struct(">II")  # type, vnet: the end of a VL3 key
 _V3 = struct.Struct(">4x6sI")  # (status 0), mac, slot: a VL3 value
 _V3_INT = struct.Struct(">4xHII")  # the same from a mac int
+_V3_SLOT = struct.Struct(">I")  # the slot at offset 10 of a VL3 value
+
+
+def _slot3(value: bytes) -> int:
+    """The CN slot of a ``_vl3`` value."""
+    return _V3_SLOT.unpack_from(value, 10)[0]
+
+
 _VL2_BODY = struct.Struct(">HH16s")  # status, port, ip16
 _TAIL = struct.Struct(">H16s")  # port, ip16
 _V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
 _TYPE_IP = 1  # VL3Type.IP
 _TYPE_IPV6 = 2  # VL3Type.IPV6
-_MAC_HI = 0xFFFF << 32
 
 
 def _ip16(text: str) -> bytes:
@@ -152,6 +168,115 @@ def vl3_key(ip16: bytes, vnet_id: int) -> bytes:
     return ip16 + _K3_TAIL.pack(kind, vnet_id)
 
 
+_EMPTY_REC, _LIVE_REC, _DEAD_REC = 0, 1, 2
+_FLAT_MIN = 4096  # records
+_FLAT_FILL = 0.7  # at most this share of records used (live or dead)
+FLAT_VL2 = struct.Struct(">12sBxH")  # VL2 key, state, slot
+FLAT_VL3 = struct.Struct(">24sBx10sH2x")  # VL3 key, state, status 0 + mac, slot
+_FLAT_SLOT_LIMIT = 1 << 16  # a slot must fit the records' u16
+
+
+class FlatTable:
+    """A read-mostly hash table for the SVP lookup lane, mirroring one of the index's dicts.
+
+    Open addressing with linear probing over fixed-size records ``key | state u8 | value``
+    (``FLAT_VL2`` / ``FLAT_VL3``) in one anonymous mmap, huge pages asked for. A hit reads one
+    record, where a dict reads its index slot, its entry and the key object: at a million
+    keys each of those is a cache (and TLB) miss, so this is what keeps a lookup's cost
+    nearly flat in the number of VNICs. The probe hashes with ``hash(key)`` (salted per
+    process; tables never leave it).
+
+    The dict stays the authority: every live record is in the dict with the same value, but
+    a key of the dict may be missing here (the table was full, or its slot does not fit a
+    u16), so a probe that ends on an empty record must fall back on the dict. Never resized:
+    sized when built at twice the keys (at least 4096 records), it stops taking new keys at
+    70% of its records used (live or deleted); the next full load builds a fresh one.
+    """
+
+    __slots__ = ("rec", "size", "klen", "buf", "mask", "end", "used", "limit")
+
+    def __init__(self, rec: struct.Struct, klen: int, count: int) -> None:
+        records = 1 << max(_FLAT_MIN.bit_length() - 1, (2 * count).bit_length())
+        self.rec, self.size, self.klen = rec, rec.size, klen
+        self.buf = mmap.mmap(-1, records * rec.size)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self.buf.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
+        self.mask = records - 1
+        self.end = records * rec.size
+        self.used = 0
+        self.limit = int(records * _FLAT_FILL)
+
+    def fill(self, keys: Iterable[bytes], *values: Iterable[Any]) -> None:
+        """Add keys not in the table (a fresh build), with their values (one iterable per
+        value field, in step with ``keys``), until the table is full."""
+        pack_into, klen = self.rec.pack_into, self.klen
+        buf, mask, size, end = self.buf, self.mask, self.size, self.end
+        used, limit = self.used, self.limit
+        for key, *value in zip(keys, *values, strict=True):
+            if used >= limit:
+                break
+            off = (hash(key) & mask) * size
+            while buf[off + klen]:
+                off += size
+                if off == end:
+                    off = 0
+            pack_into(buf, off, key, _LIVE_REC, *value)
+            used += 1
+        self.used = used
+
+    def _locate(self, key: bytes) -> tuple[int, int]:
+        """(offset of the live record of ``key`` or -1, offset of the first free record)."""
+        unpack_from, buf, size, end = self.rec.unpack_from, self.buf, self.size, self.end
+        off = (hash(key) & self.mask) * size
+        free = -1
+        while True:
+            row = unpack_from(buf, off)
+            state = row[1]
+            if state == _EMPTY_REC:
+                return -1, off if free < 0 else free
+            if state == _LIVE_REC:
+                if row[0] == key:
+                    return off, free
+            elif free < 0:
+                free = off
+            off += size
+            if off == end:
+                off = 0
+
+    def get(self, key: bytes) -> tuple[Any, ...] | None:
+        """The value of ``key``'s live record, or None (then ask the dict)."""
+        off, _ = self._locate(key)
+        return None if off < 0 else self.rec.unpack_from(self.buf, off)[2:]
+
+    def put(self, key: bytes, *value: Any) -> bool:
+        """Set ``key``'s value; False (and no record of it left live) if it cannot be held."""
+        off, free = self._locate(key)
+        if off < 0:
+            if self.buf[free + self.klen] == _EMPTY_REC:
+                if self.used >= self.limit:
+                    return False
+                self.used += 1
+            off = free
+        try:
+            self.rec.pack_into(self.buf, off, key, _LIVE_REC, *value)
+        except struct.error:
+            self.buf[off + self.klen] = _DEAD_REC
+            return False
+        return True
+
+    def discard(self, key: bytes) -> None:
+        off, _ = self._locate(key)
+        if off >= 0:
+            self.buf[off + self.klen] = _DEAD_REC
+
+    def __len__(self) -> int:
+        """Records in use (live or deleted)."""
+        return self.used
+
+
 @dataclass(slots=True)
 class PreparedIndex:
     """A whole index built by ``LookupIndex.prepare`` (any thread), for ``install``."""
@@ -167,6 +292,8 @@ class PreparedIndex:
     vl2: dict[bytes, int]
     vl3: dict[bytes, bytes]
     routes: dict[tuple[int, int], list[_CompiledRoute]]
+    flat2: FlatTable | None = None
+    flat3: FlatTable | None = None
 
 
 class LookupIndex:
@@ -200,15 +327,27 @@ class LookupIndex:
         self,
     ) -> tuple[
         dict[bytes, int],
+        FlatTable,
         list[bytes | None],
         list[bytes | None],
         dict[bytes, bytes],
+        FlatTable,
         list[bytes | None],
     ]:
-        """(``_vl2``, ``_vl2_body``, ``_vl2_zbody``, ``_vl3``, ``_tail``) for the SVP server's
-        lookup lane, which probes them with slices of request frames (layout in the module
-        docstring). Valid until the caller next awaits (``install`` replaces them); read-only."""
-        return self._vl2, self._vl2_body, self._vl2_zbody, self._vl3, self._tail
+        """(``_vl2``, ``_flat2``, ``_vl2_body``, ``_vl2_zbody``, ``_vl3``, ``_flat3``,
+        ``_tail``) for the SVP server's lookup lane, which probes them with slices of request
+        frames (layout in the module docstring): the flat table first, the dict when the
+        probe ends on an empty record. Valid until the caller next awaits (``install``
+        replaces them); read-only."""
+        return (
+            self._vl2,
+            self._flat2,
+            self._vl2_body,
+            self._vl2_zbody,
+            self._vl3,
+            self._flat3,
+            self._tail,
+        )
 
     def cns_for_underlay_ip(self, ip16: bytes) -> list[str]:
         """The CN(s) whose underlay address is ``ip16`` (LOG_REQ needs exactly one)."""
@@ -345,6 +484,19 @@ class LookupIndex:
                 kind = _TYPE_IP
             vl3[ip16 + k3_pack(kind, vnet)] = v3_pack(hi, lo, slot)
         p.vl2, p.vl3 = vl2, vl3
+        # the flat tables: every key whose slot fits the records' u16 (all, in practice)
+        p.flat2 = flat2 = FlatTable(FLAT_VL2, 12, len(vl2))
+        p.flat3 = flat3 = FlatTable(FLAT_VL3, 24, len(vl3))
+        slots3 = [_slot3(v) for v in vl3.values()]
+        if len(slot_of) <= _FLAT_SLOT_LIMIT:
+            flat2.fill(vl2.keys(), vl2.values())
+            flat3.fill(vl3.keys(), [v[:10] for v in vl3.values()], slots3)
+        else:
+            fit2 = [k for k, s in vl2.items() if s < _FLAT_SLOT_LIMIT]
+            flat2.fill(fit2, [vl2[k] for k in fit2])
+            fit3 = [(k, v[:10], s) for (k, v), s in zip(vl3.items(), slots3, strict=True)]
+            fit3 = [row for row in fit3 if row[2] < _FLAT_SLOT_LIMIT]
+            flat3.fill([r[0] for r in fit3], [r[1] for r in fit3], [r[2] for r in fit3])
         for r in snapshot.routes:
             p.routes.setdefault((r.vnet_id, r.vlan_id), []).append(_compile(r))
         for lst in p.routes.values():
@@ -357,6 +509,8 @@ class LookupIndex:
         self._vl2_body, self._vl2_zbody, self._tail = p.vl2_body, p.vl2_zbody, p.tail
         self._by_ul = p.by_ul
         self._vl2, self._vl3, self._routes = p.vl2, p.vl3, p.routes
+        assert p.flat2 is not None and p.flat3 is not None
+        self._flat2, self._flat3 = p.flat2, p.flat3
         self.version = p.version
         self._prepared = p
 
@@ -383,11 +537,14 @@ class LookupIndex:
     def _drop_vnic(self, v: Vnic) -> None:
         if not 0 <= v.vnet_id < VNET_LIMIT:
             return
-        self._vl2.pop(vl2_key(v.mac, v.vnet_id), None)
+        k2 = vl2_key(v.mac, v.vnet_id)
+        self._vl2.pop(k2, None)
+        self._flat2.discard(k2)
         k3 = vl3_key(_ip16(v.ip), v.vnet_id)
         held = self._vl3.get(k3)
         if held is not None and held[4:10] == v.mac:
             del self._vl3[k3]
+            self._flat3.discard(k3)
 
     def _put_vnics(self, vnics: Iterable[Vnic]) -> None:
         p = self._prepared
@@ -397,8 +554,12 @@ class LookupIndex:
             slot = p.slot.get(v.cn_uuid)
             if slot is None:
                 slot = _new_slot(p, sys.intern(v.cn_uuid))
-            self._vl2[vl2_key(v.mac, v.vnet_id)] = slot
-            self._vl3[vl3_key(_ip16(v.ip), v.vnet_id)] = _V3.pack(v.mac, slot)
+            k2 = vl2_key(v.mac, v.vnet_id)
+            self._vl2[k2] = slot
+            self._flat2.put(k2, slot)
+            k3 = vl3_key(_ip16(v.ip), v.vnet_id)
+            self._vl3[k3] = held = _V3.pack(v.mac, slot)
+            self._flat3.put(k3, held[:10], slot)
 
     def _drop_route(self, key: tuple[int, int, str, str]) -> None:
         lst = self._routes.get((key[0], key[1]))

@@ -9,19 +9,18 @@ canonical text (``str(ipaddress.ip_address(x))``: dotted quad for IPv4, compress
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from protocol import svp
 from protocol.addr import format_mac, ip_to_wire
 
-if TYPE_CHECKING:  # pragma: no cover
-    from protocol.svp import LogRouteEntry, LogVL2Entry, LogVL3Entry
-
-# SVP log entry types (spec/svp.md §4.1); equal to protocol.svp.LogType values.
-LOG_VL2 = 1
-LOG_VL3 = 2
-LOG_ROUTE = 3
-LOG_ENTRY_SIZES = {LOG_VL2: 32, LOG_VL3: 44, LOG_ROUTE: 72}
-LOG_STATUS_SIZE = 4
+# SVP log entry types (spec/svp.md §4.1) as the plain ints the store keeps, and their sizes on
+# the wire (protocol.svp is the one place that knows them).
+LOG_VL2 = int(svp.LogType.VL2)
+LOG_VL3 = int(svp.LogType.VL3)
+LOG_ROUTE = int(svp.LogType.ROUTE)
+LOG_ENTRY_SIZES: dict[int, int] = {int(t): n for t, n in svp.LOG_ENTRY_SIZE.items()}
+LOG_STATUS_SIZE = 4  # the status word that opens a LOG_ACK body
 DEFAULT_UL_PORT = 4789
 
 
@@ -191,10 +190,8 @@ class LogRecord:
     def size(self) -> int:
         return LOG_ENTRY_SIZES[self.type]
 
-    def to_entry(self) -> LogVL2Entry | LogVL3Entry | LogRouteEntry:
+    def to_entry(self) -> svp.LogEntry:
         """The protocol.svp log entry object for this row."""
-        from protocol import svp
-
         if self.type == LOG_VL2:
             assert self.mac is not None
             return svp.LogVL2Entry(entry_id=self.id, mac=self.mac, vnet_id=self.vnet_id)

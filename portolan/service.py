@@ -12,11 +12,14 @@ transaction
 2. re-reads what it depends on, checks conflicts, allocates MACs/IPs (lowest free first),
 3. writes the mapping rows (all stamped with that version) and, in the same transaction, one
    shootdown log row per recipient CN and entry,
-4. commits, and returns an ``IndexChange``.
+4. records the change for other instances (``store.record_change``: the changes-feed row and
+   NOTIFY on PostgreSQL, see ``portolan.coherence``; nothing on SQLite),
+5. commits, and returns an ``IndexChange``.
 
 Back in the trio task, still holding the write lock, the Directory applies the change to its
-``LookupIndex`` and calls ``self._published(change)`` (a no-op hook for cross-instance
-coherence), then returns: a lookup made after the call returns sees the new state.
+``LookupIndex`` and tells its subscribers (``subscribe``: the firewall policy service), then
+returns: a lookup made after the call returns sees the new state. Changes other instances
+commit arrive through ``apply_remote`` under the same lock.
 
 A ``UniqueViolation`` (another instance took the same MAC/IP between our check and our
 insert) rolls back and retries the whole operation, which then sees the winner's row and
@@ -342,9 +345,6 @@ class Directory:
             self.index.install(await trio.to_thread.run_sync(self.index.prepare, snapshot))
             self._notify(None)
 
-    def _published(self, change: IndexChange) -> None:
-        """Hook called after every committed change (cross-instance coherence goes here)."""
-
     def subscribe(self, callback: Callable[[IndexChange | None], None]) -> Callable[[], None]:
         """Call ``callback(change)`` after every committed change, under the write lock (so in
         commit order): ``change`` is the ``IndexChange`` (VNIC states before/after; rule writes
@@ -403,7 +403,6 @@ class Directory:
             result, change = await trio.to_thread.run_sync(run, limiter=self._limiter)
             if change is not None:
                 self.index.apply(change)
-                self._published(change)
                 self._notify(change)
             return result
 

@@ -309,12 +309,15 @@ class SvpServer:
         is left for the Decoder, which is the authority on framing and errors.
 
         The index is probed with the request body itself (``LookupIndex.wire_tables``): a hit
-        is a dict get on a slice of the frame and a list index giving the CN's precomputed
+        is one record of the index's flat table found by a slice of the frame (the dict only
+        when the probe ends on an empty record) and a list index giving the CN's precomputed
         reply body; the reply is appended as pieces: the 8 constant header bytes (version, op,
         size), the request's id copied verbatim, the CRC and the body."""
         have = len(data)
         counts = self.metrics.svp_requests
-        vl2, vl2_body, vl2_zbody, vl3, tail_of = self.directory.index.wire_tables()
+        vl2, flat2, vl2_body, vl2_zbody, vl3, flat3, tail_of = self.directory.index.wire_tables()
+        buf2, mask2, wrap2, rec2 = flat2.buf, flat2.mask, flat2.end - 1, flat2.rec.unpack_from
+        buf3, mask3, end3, rec3 = flat3.buf, flat3.mask, flat3.end, flat3.rec.unpack_from
         crc32 = zlib.crc32
         ok2 = nf2 = ok3 = nf3 = 0
         append = replies.append
@@ -333,9 +336,17 @@ class SvpServer:
                     ):
                         break
                     key = data[pos + 16 : end]
-                    slot = vl2.get(key)
-                    if slot is None and key[6:8] != b"\x00\x00":  # pad is not part of the key
-                        slot = vl2.get(key[:6] + b"\x00\x00" + key[8:])
+                    off = (hash(key) & mask2) << 4  # 16-byte records
+                    while True:
+                        k, state, slot = rec2(buf2, off)
+                        if k == key and state == 1:
+                            break
+                        if state == 0:  # not in the flat table: the dict is the authority
+                            slot = vl2.get(key)
+                            if slot is None and key[6:8] != b"\x00\x00":  # pad is not in keys
+                                slot = vl2.get(key[:6] + b"\x00\x00" + key[8:])
+                            break
+                        off = (off + 16) & wrap2
                     body = vl2_body[slot] if slot is not None else None
                     if body is None:
                         body, zbody = _VL2_NOTFOUND_BODY, _VL2_NOTFOUND_ZBODY
@@ -357,17 +368,32 @@ class SvpServer:
                         != crc
                     ):
                         break
-                    held = vl3.get(data[pos + 16 : end])
-                    if held is None:  # the ip type is ignored: retry with the canonical one
-                        key = vl3_key(data[pos + 16 : pos + 32], 0)[:20] + data[pos + 36 : end]
-                        if key != data[pos + 16 : end]:
+                    key = data[pos + 16 : end]
+                    off = (hash(key) & mask3) * 40  # 40-byte records
+                    while True:
+                        k, state, head, slot = rec3(buf3, off)  # head: status 0, mac
+                        if k == key and state == 1:
+                            break
+                        if state == 0:  # not in the flat table: the dict is the authority
                             held = vl3.get(key)
-                    tail = tail_of[_V3_SLOT(held, 10)[0]] if held is not None else None
+                            if held is None:  # the ip type is ignored: try the canonical one
+                                canon = vl3_key(key[:16], 0)[:20] + key[20:]
+                                if canon != key:
+                                    held = vl3.get(canon)
+                            if held is None:
+                                head = None
+                            else:
+                                head, slot = held[:10], _V3_SLOT(held, 10)[0]
+                            break
+                        off += 40
+                        if off == end3:
+                            off = 0
+                    tail = tail_of[slot] if head is not None else None
                     if tail is None:
                         body = _VL3_NOTFOUND_BODY
                         nf3 += 1
                     else:
-                        body = held[:10] + tail  # status 0, mac, then port and ip
+                        body = head + tail  # status 0, mac, then port and ip
                         ok3 += 1
                     rid = data[pos + 8 : pos + 12]
                     append(_VL3_ACK_HEAD[version])

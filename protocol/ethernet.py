@@ -13,7 +13,8 @@ varpd's proxies (spec/varpd-overlay.md §3.5) validate requests and build replie
   ``build_garp`` builds the gratuitous ARP request that VL3 shootdowns inject.
 - NDP: ``parse_ndp_ns`` applies the NDP proxy's validation list (including illumos' loose
   type/code check); ``build_ndp_na`` answers it with a solicited+override Neighbor
-  Advertisement carrying a Target Link-Layer Address option and a correct ICMPv6 checksum.
+  Advertisement carrying a Target Link-Layer Address option and a correct ICMPv6 checksum;
+  ``build_unsolicited_na`` builds the all-nodes announcement that IPv6 VL3 shootdowns inject.
 - DHCP: ``check_dhcp_client_broadcast`` / ``is_dhcp_client_broadcast`` recognise a broadcast
   IPv4 UDP 68 -> 67 datagram the DHCP proxy retargets (``set_dst_mac``) and resends.
 
@@ -26,6 +27,8 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
+from protocol.addr import BROADCAST_MAC
+
 ETH_P_IPV4 = 0x0800
 ETH_P_ARP = 0x0806
 ETH_P_8021Q = 0x8100
@@ -36,8 +39,6 @@ VLAN_TAG_SIZE = 4
 ETHERMAX = 1514
 ETHERMAX_VLAN = 1518  # the largest frame varpd may inject or resend
 
-BROADCAST_MAC = b"\xff" * 6
-ZERO_MAC = b"\x00" * 6
 
 DST_UNICAST = 0
 DST_MULTICAST = 1
@@ -56,6 +57,8 @@ NDP_OPT_TLLA = 2
 NA_FLAG_ROUTER = 0x80000000
 NA_FLAG_SOLICITED = 0x40000000
 NA_FLAG_OVERRIDE = 0x20000000
+ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
+ALL_NODES_IP6 = bytes.fromhex("ff020000000000000000000000000001")
 
 DHCP_CLIENT_PORT = 68
 DHCP_SERVER_PORT = 67
@@ -396,24 +399,31 @@ def build_ndp_na(
     frame = bytes(ns_frame)
     off = ns.l2.hdr_size
     l2 = ns.l2.src + answer_mac + frame[12:off]
-    na = bytearray(
-        struct.pack(
-            ">BBHI16sBB6s",
-            ICMPV6_NA,
-            0,
-            0,
-            NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE,
-            target16,
-            NDP_OPT_TLLA,
-            1,
-            answer_mac,
-        )
-    )
     src_ip, dst_ip = target16, ns.src_ip.packed
-    struct.pack_into(">H", na, 2, icmpv6_checksum(src_ip, dst_ip, na))
+    na = _neighbor_advert(NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE, target16, answer_mac, dst_ip)
     (vtf,) = struct.unpack_from(">I", frame, off)
     ip6 = _IP6_HEADER.pack(vtf, len(na), IPPROTO_ICMPV6, ns.hop_limit, src_ip, dst_ip)
-    return l2 + ip6 + bytes(na)
+    return l2 + ip6 + na
+
+
+def build_unsolicited_na(mac: bytes, ip16: bytes, vlan: int = 0) -> bytes:
+    """An unsolicited Neighbor Advertisement (RFC 4861 §7.2.6): ``ip16`` is at ``mac``.
+
+    What VL3 shootdowns inject for IPv6: to all-nodes (ff02::1, 33:33:00:00:00:01), hop limit
+    255, flags Override only, with a Target Link-Layer Address option; tagged when ``vlan``.
+    """
+    na = _neighbor_advert(NA_FLAG_OVERRIDE, ip16, mac, ALL_NODES_IP6)
+    ip6 = _IP6_HEADER.pack(6 << 28, len(na), IPPROTO_ICMPV6, 255, ip16, ALL_NODES_IP6)
+    return build_l2_header(ALL_NODES_MAC, mac, ETH_P_IPV6, vlan) + ip6 + na
+
+
+def _neighbor_advert(flags: int, target16: bytes, mac: bytes, dst_ip: bytes) -> bytes:
+    """An ICMPv6 NA from ``target16`` to ``dst_ip`` with a TLLA option, checksum filled in."""
+    na = bytearray(
+        struct.pack(">BBHI16sBB6s", ICMPV6_NA, 0, 0, flags, target16, NDP_OPT_TLLA, 1, mac)
+    )
+    struct.pack_into(">H", na, 2, icmpv6_checksum(target16, dst_ip, na))
+    return bytes(na)
 
 
 # --------------------------------------------------------------------------- DHCP

@@ -39,7 +39,7 @@ from scapy.fields import (
 from scapy.layers.inet import TCP
 from scapy.packet import Packet, bind_layers
 
-from protocol.svp import BulkType, LogType, Op, Status, VL3Type
+from protocol.svp import LOG_ENTRY_SIZE, BulkType, LogType, Op, Status, VL3Type
 
 __all__ = [
     "SVP",
@@ -221,10 +221,10 @@ class SVPLogRouteEntry(_LogEntry):
     ]
 
 
-_ENTRY_LAYERS: dict[int, tuple[type[Packet], int]] = {
-    1: (SVPLogVL2Entry, 32),
-    2: (SVPLogVL3Entry, 44),
-    3: (SVPLogRouteEntry, 72),
+_ENTRY_LAYERS: dict[int, type[Packet]] = {
+    LogType.VL2: SVPLogVL2Entry,
+    LogType.VL3: SVPLogVL3Entry,
+    LogType.ROUTE: SVPLogRouteEntry,
 }
 
 
@@ -233,10 +233,11 @@ def _next_entry(pkt: Packet, lst: list, cur: Packet | None, remain: bytes) -> ty
     short (those bytes then dissect as Raw)."""
     if len(remain) < 4:
         return None
-    found = _ENTRY_LAYERS.get(struct.unpack(">I", remain[:4])[0])
-    if found is None or len(remain) < found[1]:
+    entry_type = struct.unpack(">I", remain[:4])[0]
+    layer = _ENTRY_LAYERS.get(entry_type)
+    if layer is None or len(remain) < LOG_ENTRY_SIZE[entry_type]:
         return None
-    return found[0]
+    return layer
 
 
 class SVPLogAck(Packet):

@@ -6,8 +6,8 @@ The overlay design splits one question in two. The driver (`varpd.shim`, our mod
 illumos kernel overlay driver) knows *how* to put a frame on the wire (VXLAN) and keeps a
 per-device target cache; varpd knows *where* a destination lives, by asking a search plugin.
 varpd owns: the instances (one per overlay device), the plugins (`direct`, `files`, `svp`),
-the lookup worker pool, the ARP/NDP/DHCP proxies, the per-VNIC firewall, the state files, the control socket and its
-`varpdadm` command line, and a Prometheus endpoint.
+the lookup worker pool, the ARP/NDP/DHCP proxies, the per-VNIC firewall, the state files,
+the control socket and its `varpdadm` command line, and a Prometheus endpoint.
 
 ::
 
@@ -38,6 +38,8 @@ Modules
 - `plugins`: `base` (the plugin contract: PropSpec, PluginHost, LookupReply, Plugin),
   `direct`, `files`, `svp` (imported lazily; the daemon runs without it).
 - `cli`: ``varpd run --config FILE`` prints ``READY control=PATH metrics=HOST:PORT``.
+- `shim`: the model of the kernel overlay driver and its memory/udp backends (own docstring).
+- `firewall`: per-VNIC enforcement (`FirewallTable`, `VnicFirewall`) and the `PolicyFetcher`.
 
 Instances (spec §3.2)
 ---------------------

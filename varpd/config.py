@@ -63,17 +63,19 @@ from pathlib import Path
 from typing import Any
 
 from protocol.addr import format_mac, parse_mac
+from protocol.vxlan import VNI_MAX as VNETID_MAX
 
 DEFAULT_STATE_DIR = "/var/lib/varpd"
 DEFAULT_CONTROL_SOCKET = "/var/run/varpd/varpd.sock"
 DEFAULT_METRICS = "127.0.0.1:9339"
 BACKENDS = ("memory", "udp")
-VNETID_MAX = 2**24 - 1
+# Copies of varpd.shim.device's MTU bounds and varpd.firewall.conntrack.DEFAULT_MAX_FLOWS:
+# importing those would pull trio and httpx into varpdadm, which reads DEFAULT_CONTROL_SOCKET.
 MTU_MIN, MTU_MAX, MTU_DEFAULT = 576, 8900, 1400
+FIREWALL_MAX_FLOWS_DEFAULT = 32768
 LINK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
 FIREWALL_WAIT_DEFAULT = 30.0
 FIREWALL_WAIT_MAX = 300.0
-FIREWALL_MAX_FLOWS_DEFAULT = 32768  # varpd.firewall.conntrack.DEFAULT_MAX_FLOWS
 FIREWALL_MAX_FLOWS_RANGE = (16, 10_000_000)
 U32_MAX = 2**32 - 1
 
@@ -155,7 +157,7 @@ class VarpdConfig:
 
 def parse_hostport(text: str, key: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not port.isdecimal():
         raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
     host = host.strip("[]")
     n = int(port)

@@ -210,7 +210,8 @@ async def handle_connection(varpd: Varpd, stream: trio.SocketStream) -> None:
                 reply = await dispatch(varpd, msg)
                 try:
                     frame = encode_reply(reply)
-                except ControlProtocolError as exc:
+                except Exception as exc:  # too big, or a result msgpack cannot carry
+                    log.error("control op %s: cannot encode the reply: %s", msg.op, exc)
                     frame = encode_reply(
                         Reply(msg.id, False, error=ErrorInfo("internal", str(exc)))
                     )

@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -36,6 +37,7 @@ from protocol.addr import format_mac, parse_mac
 from protocol.fwpolicy import Policy
 from varpd.config import (
     LINK_NAME,
+    MTU_DEFAULT,
     MTU_MAX,
     MTU_MIN,
     VNETID_MAX,
@@ -145,7 +147,7 @@ def parse_destination(text: str) -> Point | None:
         ip = ipaddress.ip_address(addr)
     except ValueError:
         raise ValueError(f"{addr!r} is not an IP address") from None
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not port.isdecimal() or not 1 <= int(port) <= 65535:
         raise ValueError(f"port {port!r} must be 1..65535")
     return Point.of(ip, int(port))
 
@@ -174,7 +176,7 @@ def _parse_mac_arg(value: object, field: str = "mac") -> bytes:
 
 
 def _int_arg(value: object, field: str, lo: int, hi: int) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdecimal():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise VarpdError("invalid", f"{field} must be an integer, got {value!r}", field)
@@ -481,6 +483,14 @@ class Varpd:
         except OSError as exc:
             log.error("cannot delete the state file of %s: %s", name, exc)
 
+    async def _move_aside(self, file: Path, reason: str) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                self.state.move_aside, file, reason, limiter=self._io_limiter
+            )
+        except OSError as exc:  # the file stays; the next start tries again
+            log.error("cannot move the state file %s aside: %s", file, exc)
+
     async def _restore(self) -> None:
         try:
             records, bad = await trio.to_thread.run_sync(
@@ -494,7 +504,7 @@ class Varpd:
             reason = self._restore_refusal(rec)
             if reason is not None:
                 file = self.state.file_for(rec.name)
-                await trio.to_thread.run_sync(self.state.move_aside, file, reason)
+                await self._move_aside(file, reason)
                 self.moved_aside.append((str(file), reason))
                 continue
             try:
@@ -509,7 +519,7 @@ class Varpd:
                 )
             except VarpdError as exc:
                 file = self.state.file_for(rec.name)
-                await trio.to_thread.run_sync(self.state.move_aside, file, exc.message)
+                await self._move_aside(file, exc.message)
                 self.moved_aside.append((str(file), exc.message))
                 continue
             try:
@@ -619,7 +629,7 @@ class Varpd:
         if name in self.instances:
             raise VarpdError("exists", f"overlay device {name} already exists", "name")
         vnetid = _int_arg(vnetid, "vnetid", 0, VNETID_MAX)
-        mtu = 1400 if mtu is None else _int_arg(mtu, "mtu", MTU_MIN, MTU_MAX)
+        mtu = MTU_DEFAULT if mtu is None else _int_arg(mtu, "mtu", MTU_MIN, MTU_MAX)
         for other in self.instances.values():
             if other.vnet_id == vnetid:
                 raise VarpdError(
@@ -830,10 +840,7 @@ class Varpd:
             inst = self._get(name)
             await inst.stop()
             for entry in list(inst.vnics.values()):
-                if entry.vnic is not None:
-                    self.firewall.unbind(entry.vnic)
-                with contextlib.suppress(ShimError):
-                    self.driver.remove_vnic(name, entry.mac)
+                self._remove_vnic(inst, entry)
             with contextlib.suppress(ShimError):
                 self.driver.disassociate(name)
             try:

@@ -3,8 +3,9 @@
 An `Instance` is created (plugin must exist), given properties, then activated:
 ``plugin.start()`` → persist → associate (POINT: with ``plugin.default_point()``) → activate
 the device in the driver. Any failure undoes the steps already taken, in reverse, and leaves
-the instance created-but-inactive. Destroy stops in-flight lookups of the instance, stops the
-plugin and deletes the state file; the daemon deletes the device around it.
+the instance created-but-inactive. ``stop()`` cancels the instance's in-flight lookups and
+stops the plugin; destroy is the daemon's (``Varpd.delete``): ``stop()``, then the VNICs and
+the device go and the state file is deleted.
 
 Properties: the explicitly set plugin values live in ``props`` (validated by the plugin's
 `PropSpec`s); defaults are filled in by the plugin. ``search`` is a read-only pseudo-property
@@ -343,10 +344,7 @@ class Instance:
             mode=int(self.mode),
             props=dict(self.props),
             device_props=dict(self.device_props),
-            vnics=[
-                {"mac": format_mac(v.mac), "vlan_id": v.vlan, "tap": v.tap}
-                for v in self.vnics.values()
-            ],
+            vnics=[v.to_json() for v in self.vnics.values()],
         )
 
     def summary(self) -> dict[str, object]:

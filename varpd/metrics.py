@@ -44,9 +44,8 @@ calls prometheus_client; it only bumps plain ints in dicts):
   ``varpd_firewall_fetch_errors_total``, ``varpd_firewall_fetcher_state{state}`` (1 for the
   current one), ``varpd_firewall_vnics`` (VNICs in the policy), ``varpd_firewall_flows``,
   ``varpd_firewall_flows_dropped_by_policy_total``,
-  ``varpd_firewall_packets_total{direction=in|out, action=allowed|blocked}`` (blocked: the
-  shim's filter drops; allowed: the shim's frames that crossed a filtered VNIC boundary is
-  not counted by the engine per direction, so only ``blocked`` is exported, see
+  ``varpd_firewall_packets_total{direction=in|out, action=blocked}`` (the shim's filter
+  drops; passes are not counted per direction, so only ``blocked`` is exported: see
   ``varpd_firewall_verdicts_total``), ``varpd_firewall_verdicts_total{verdict}`` (the engine's
   reasons: pass_state, pass_rule, pass_default, drop_rule, drop_default, ...),
   ``varpd_firewall_conntrack_events_total{event}`` (created, evicted, expired, flushed) and

@@ -31,12 +31,12 @@ in ``proxied{kind}``. Frame validation and construction are the sans-I/O helpers
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from protocol.ethernet import (
     FrameError,
     build_arp_reply,
-    build_garp,
     build_ndp_na,
     check_arp_request,
     check_dhcp_client_broadcast,
@@ -48,60 +48,73 @@ if TYPE_CHECKING:
     from varpd.metrics import VarpdMetrics
     from varpd.plugins.base import Plugin
 
-__all__ = ["build_garp", "proxy_arp", "proxy_dhcp", "proxy_ndp"]
+__all__ = ["proxy_arp", "proxy_dhcp", "proxy_ndp"]
+
+Parsed = TypeVar("Parsed")
 
 
-def _refused(metrics: VarpdMetrics, kind: str, reason: str) -> bool:
-    metrics.proxy_dropped.labels(kind=kind, reason=reason).inc()
-    return False
+async def _proxy(
+    kind: str,
+    driver: Any,
+    req: Any,
+    metrics: VarpdMetrics,
+    check: Callable[[bytes], Parsed],
+    ask: Callable[[Parsed], Awaitable[bytes | None]],
+    answer: Callable[[Parsed, bytes], None],
+) -> bool:
+    """Validate the head frame, ask the plugin for a MAC, answer; always DROPs the request."""
+    try:
+        try:
+            parsed = check(req.frame)
+        except (FrameError, struct.error) as exc:
+            reason = getattr(exc, "reason", "malformed")
+            metrics.proxy_dropped.labels(kind=kind, reason=reason).inc()
+            return False
+        mac = await ask(parsed)
+        if mac is None:
+            metrics.proxy_dropped.labels(kind=kind, reason="no_answer").inc()
+            return False
+        answer(parsed, bytes(mac))
+        metrics.proxied.labels(kind=kind).inc()
+        return True
+    finally:
+        driver.drop(req.req_id)
 
 
 async def proxy_arp(driver: Any, req: Any, plugin: Plugin, metrics: VarpdMetrics) -> bool:
     """Answer the ARP request of ``req``; always DROPs the request. True if a reply went up."""
-    try:
-        try:
-            arp = check_arp_request(req.frame)
-        except (FrameError, struct.error) as exc:
-            return _refused(metrics, "arp", getattr(exc, "reason", "malformed"))
-        mac = await plugin.arp(arp.target_ip)
-        if mac is None:
-            return _refused(metrics, "arp", "no_answer")
-        driver.inject(req.device, build_arp_reply(req.frame, bytes(mac)))
-        metrics.proxied.labels(kind="arp").inc()
-        return True
-    finally:
-        driver.drop(req.req_id)
+    return await _proxy(
+        "arp",
+        driver,
+        req,
+        metrics,
+        check_arp_request,
+        lambda arp: plugin.arp(arp.target_ip),
+        lambda _arp, mac: driver.inject(req.device, build_arp_reply(req.frame, mac)),
+    )
 
 
 async def proxy_ndp(driver: Any, req: Any, plugin: Plugin, metrics: VarpdMetrics) -> bool:
     """Answer the Neighbor Solicitation of ``req``; always DROPs the request."""
-    try:
-        try:
-            ns = parse_ndp_ns(req.frame)
-        except (FrameError, struct.error) as exc:
-            return _refused(metrics, "ndp", getattr(exc, "reason", "malformed"))
-        mac = await plugin.arp(ns.target)
-        if mac is None:
-            return _refused(metrics, "ndp", "no_answer")
-        driver.inject(req.device, build_ndp_na(req.frame, ns.target, bytes(mac)))
-        metrics.proxied.labels(kind="ndp").inc()
-        return True
-    finally:
-        driver.drop(req.req_id)
+    return await _proxy(
+        "ndp",
+        driver,
+        req,
+        metrics,
+        parse_ndp_ns,
+        lambda ns: plugin.arp(ns.target),
+        lambda ns, mac: driver.inject(req.device, build_ndp_na(req.frame, ns.target, mac)),
+    )
 
 
 async def proxy_dhcp(driver: Any, req: Any, plugin: Plugin, metrics: VarpdMetrics) -> bool:
     """Redirect a broadcast DHCP request to the plugin's DHCP server MAC (RESEND); DROPs."""
-    try:
-        try:
-            check_dhcp_client_broadcast(req.frame)
-        except (FrameError, struct.error) as exc:
-            return _refused(metrics, "dhcp", getattr(exc, "reason", "malformed"))
-        mac = await plugin.dhcp(req)
-        if mac is None:
-            return _refused(metrics, "dhcp", "no_answer")
-        driver.resend(req.device, set_dst_mac(req.frame, bytes(mac)))
-        metrics.proxied.labels(kind="dhcp").inc()
-        return True
-    finally:
-        driver.drop(req.req_id)
+    return await _proxy(
+        "dhcp",
+        driver,
+        req,
+        metrics,
+        check_dhcp_client_broadcast,
+        lambda _l2: plugin.dhcp(req),
+        lambda _l2, mac: driver.resend(req.device, set_dst_mac(req.frame, mac)),
+    )

@@ -19,10 +19,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from protocol.addr import parse_mac
-
-MAX_VNET_ID = (1 << 24) - 1
-MAX_VLAN_ID = 4094
+from portolan.service import VLAN_MAX as MAX_VLAN_ID
+from portolan.service import VNET_MAX as MAX_VNET_ID
+from protocol.addr import parse_ip, parse_mac
 
 
 def canonical_uuid(value: str) -> str:
@@ -34,13 +33,11 @@ def canonical_uuid(value: str) -> str:
 
 
 def canonical_ip(value: str) -> str:
+    """Canonical text of an IP (an IPv4-mapped IPv6 address as IPv4); ValueError if none."""
     try:
-        ip = ipaddress.ip_address(value)
+        return str(parse_ip(value))
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address") from None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
 
 
 def canonical_subnet(value: str) -> str:
@@ -53,14 +50,10 @@ def canonical_subnet(value: str) -> str:
     return str(net)
 
 
-def mac_bytes(value: str) -> bytes:
-    return parse_mac(value)
-
-
 UuidText = Annotated[StrictStr, AfterValidator(canonical_uuid)]
 IpText = Annotated[StrictStr, AfterValidator(canonical_ip)]
 SubnetText = Annotated[StrictStr, AfterValidator(canonical_subnet)]
-MacText = Annotated[StrictStr, AfterValidator(mac_bytes)]
+MacText = Annotated[StrictStr, AfterValidator(parse_mac)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 VnetId = Annotated[StrictInt, Field(ge=0, le=MAX_VNET_ID)]
 VlanId = Annotated[StrictInt, Field(ge=0, le=MAX_VLAN_ID)]

@@ -21,6 +21,7 @@ import trio
 
 from portolan.cli.serve import DEFAULT_STORE
 from portolan.errors import Conflict, InvalidParameters, PortolanError
+from portolan.store import check_url, redact_url
 
 
 def register(subparsers: Any) -> None:
@@ -115,6 +116,11 @@ def _field_lines(doc: Any, exc: PortolanError) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_url(args.store)
+    except ValueError as exc:
+        print(f"portolan load: --store: {exc}; nothing was written", file=sys.stderr)
+        return 2
+    try:
         doc = read_document(args.file)
     except ValueError as exc:
         print(f"portolan load: {exc}; nothing was written", file=sys.stderr)
@@ -137,5 +143,5 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         parts = ", ".join(f"{v} {k}" for k, v in summary.items()) if summary else "nothing"
-        print(f"loaded {parts} from {args.file} into {args.store}")
+        print(f"loaded {parts} from {args.file} into {redact_url(args.store)}")
     return 0

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from portolan.cli import format_hostport, parse_hostport
-from protocol.addr import format_mac, ip_text, ip_to_wire, parse_mac
+from protocol.addr import V4_MAPPED_PREFIX, format_mac, ip_text, ip_to_wire, parse_mac
 from protocol.svp import (
     Decoder,
     LogAck,
@@ -100,6 +100,25 @@ def _server_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _bounded_int(text: str, hi: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= hi:
+        raise argparse.ArgumentTypeError(f"{what} must be between 0 and {hi}, not {value}")
+    return value
+
+
+def _vnet_id(text: str) -> int:
+    """A vnet id as SVP carries it (24 bits); out of range is a usage error (exit 2)."""
+    return _bounded_int(text, (1 << 24) - 1, "a vnet id")
+
+
+def _u32(text: str) -> int:
+    return _bounded_int(text, (1 << 32) - 1, "the count")
+
+
 def register(subparsers: Any) -> None:
     lookup = subparsers.add_parser(
         "lookup",
@@ -109,12 +128,12 @@ def register(subparsers: Any) -> None:
     kinds = lookup.add_subparsers(dest="lookup_kind", metavar="KIND")
     vl2 = kinds.add_parser("vl2", help="which underlay host holds this MAC in this vnet?")
     vl2.add_argument("--mac", required=True, help="overlay MAC, e.g. 00:0a:95:9d:68:16")
-    vl2.add_argument("--vnet", type=int, required=True, help="virtual network id")
+    vl2.add_argument("--vnet", type=_vnet_id, required=True, help="virtual network id")
     _server_arg(vl2)
     vl2.set_defaults(func=run_vl2)
     vl3 = kinds.add_parser("vl3", help="which MAC and underlay host hold this IP in this vnet?")
     vl3.add_argument("--ip", required=True, help="overlay IP, e.g. 10.0.0.1")
-    vl3.add_argument("--vnet", type=int, required=True, help="virtual network id")
+    vl3.add_argument("--vnet", type=_vnet_id, required=True, help="virtual network id")
     _server_arg(vl3)
     vl3.set_defaults(func=run_vl3)
     lookup.set_defaults(func=lambda args: _usage(lookup))
@@ -132,7 +151,7 @@ def register(subparsers: Any) -> None:
     logp.add_argument("--cn-ip", required=True, help="underlay IP of the compute node")
     logp.add_argument(
         "--count",
-        type=int,
+        type=_u32,
         default=1024,
         help="most bytes of log the client accepts (default 1024, as varpd)",
     )
@@ -198,7 +217,7 @@ def run_vl3(args: argparse.Namespace) -> int:
         server = _server(args)
     except ValueError as exc:
         return _fail(str(exc)) + 1
-    ip_type = VL3Type.IP if ip16[:12] == bytes(10) + b"\xff\xff" else VL3Type.IPV6
+    ip_type = VL3Type.IP if ip16[:12] == V4_MAPPED_PREFIX else VL3Type.IPV6
     try:
         reply = exchange(
             server,

@@ -13,9 +13,12 @@ Task tree (one trio run, no threads but the store's bounded worker threads)::
       READY line on stdout once the three are bound
 
 Coherence with writers outside this process: the Directory updates the index itself after its
-own commits; a write by another process (``portolan load`` against the same SQLite file) is
-noticed by `follow_store`, which compares the store's change counter with the index's every
+own commits. On SQLite, a write by another process (``portolan load`` against the same file)
+is noticed by `follow_store`, which compares the store's change counter with the index's every
 ``--reload-interval`` seconds (default 1) and reloads the whole index when the store is ahead.
+On PostgreSQL (several instances may share the database) `portolan.coherence.Coherence`
+runs instead: LISTEN/NOTIFY plus the changes feed, applying other instances' changes key by
+key as they commit (``--reload-interval`` is not used).
 
 SIGINT/SIGTERM cancel the nursery; the Directory is closed on the way out and the process exits
 0. The API on a non-loopback address without a token is refused before anything is opened
@@ -30,7 +33,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -38,6 +41,7 @@ import trio
 
 from portolan.cli import format_hostport, is_loopback_host, parse_hostport
 from portolan.metrics import PortolanMetrics, serve_metrics
+from portolan.store import check_url
 from portolan.svp_server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FRAME, SvpServer
 
 log = logging.getLogger("portolan.serve")
@@ -55,7 +59,7 @@ class ServeConfig:
     svp: tuple[str, int] = ("0.0.0.0", 1296)
     api: tuple[str, int] = ("127.0.0.1", 1280)
     metrics: tuple[str, int] = ("127.0.0.1", 9296)
-    api_token: str | None = None
+    api_token: str | None = field(default=None, repr=False)
     svp_max_frame: int = DEFAULT_MAX_FRAME
     svp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     reload_interval: float = DEFAULT_RELOAD_INTERVAL
@@ -153,6 +157,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ConfigRefused("--svp-idle-timeout must be positive")
     if args.reload_interval < 0:
         raise ConfigRefused("--reload-interval must be 0 (off) or positive")
+    try:
+        check_url(args.store)
+    except ValueError as exc:
+        raise ConfigRefused(f"--store: {exc}") from None
     return ServeConfig(
         store=args.store,
         svp=listens["svp_listen"],

@@ -150,7 +150,17 @@ class PolicyService:
             event = self._events.get(cn_uuid)
             if event is None:
                 event = self._events[cn_uuid] = trio.Event()
-            await event.wait()
+            try:
+                await event.wait()
+            finally:
+                # the last waiter giving up (timeout, disconnect) takes its Event along, so
+                # polls for many CNs (or made-up uuids) leave nothing behind
+                if (
+                    not event.is_set()
+                    and event.statistics().tasks_waiting == 0
+                    and self._events.get(cn_uuid) is event
+                ):
+                    del self._events[cn_uuid]
 
     def _wake(self, cn_uuid: str) -> None:
         event = self._events.pop(cn_uuid, None)

@@ -28,12 +28,47 @@ Invariants
 Lifecycle
 ---------
 ``open_store(url)`` connects and (by default) migrates; ``store.close()`` closes.
+``check_url(url)`` checks a URL's form without connecting (the CLI refuses a bad ``--store``
+up front); ``redact_url(url)`` is the form to print or log: a URL may carry a password.
 """
 
 from __future__ import annotations
 
+import re
+
 from .base import IntegrityViolation, SchemaTooNew, Snapshot, Store, Tx, UniqueViolation
 from .schema import SCHEMA_VERSION
+
+_URL_PASSWORD = re.compile(
+    r"(?P<keep>^(?:[A-Za-z][A-Za-z0-9+.-]*://|postgres(?:ql)?:)[^/?#@:]*:)[^/?#@]*@"
+)
+_QUERY_PASSWORD = re.compile(r"(?P<keep>[?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to print or log: a password (``user:PASSWORD@`` or ``?password=``) becomes
+    ``***``; anything else is left as it was."""
+    url = _URL_PASSWORD.sub(r"\g<keep>***@", url)
+    return _QUERY_PASSWORD.sub(r"\g<keep>***", url)
+
+
+def check_url(url: str) -> str:
+    """The kind of store ``url`` names (``"sqlite"`` or ``"postgresql"``), without opening it;
+    ValueError (password masked) when it names none."""
+    if url.startswith("sqlite:"):
+        if not _sqlite_path(url):
+            raise ValueError(f"store URL {redact_url(url)!r} names no file (use sqlite:PATH)")
+        return "sqlite"
+    if url.startswith(("postgresql://", "postgres://", "postgresql:")):
+        return "postgresql"
+    raise ValueError(
+        f"unknown store URL {redact_url(url)!r}: expected sqlite:PATH or postgresql://..."
+    )
+
+
+def _sqlite_path(url: str) -> str:
+    path = url[len("sqlite:") :]
+    return path[2:] if path.startswith("//") else path
 
 
 def open_store(url: str, *, migrate: bool = True) -> Store:
@@ -42,27 +77,14 @@ def open_store(url: str, *, migrate: bool = True) -> Store:
     ``sqlite:PATH`` (also ``sqlite:///abs/path`` and ``sqlite::memory:``);
     ``postgresql://...`` / ``postgres://...`` (libpq connection URLs).
     """
-    if url.startswith("sqlite:"):
+    if check_url(url) == "sqlite":
         from .sqlite import SqliteStore
 
-        path = url[len("sqlite:") :]
-        if path.startswith("//"):
-            path = path[2:]
-        if not path:
-            raise ValueError(f"store URL {url!r} names no file (use sqlite:PATH)")
-        store: Store = SqliteStore(path, url=url)
-    elif url.startswith(("postgresql://", "postgres://", "postgresql:")):
-        try:
-            from .postgres import PostgresStore  # type: ignore[import-not-found]
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.postgres":
-                raise
-            raise NotImplementedError(
-                "the PostgreSQL store backend is not implemented yet; use sqlite:PATH"
-            ) from None
-        store = PostgresStore(url)
+        store: Store = SqliteStore(_sqlite_path(url), url=url)
     else:
-        raise ValueError(f"unknown store URL {url!r}: expected sqlite:PATH or postgresql://...")
+        from .postgres import PostgresStore
+
+        store = PostgresStore(url)
     if migrate:
         try:
             store.migrate()
@@ -80,5 +102,7 @@ __all__ = [
     "Store",
     "Tx",
     "UniqueViolation",
+    "check_url",
     "open_store",
+    "redact_url",
 ]

@@ -167,6 +167,8 @@ def listen_blocking(
     """
     import psycopg
 
+    from .postgres import unreachable
+
     try:
         conn = psycopg.connect(
             url,
@@ -179,7 +181,7 @@ def listen_blocking(
             application_name="portolan-listen",
         )
     except psycopg.Error as exc:
-        raise StoreUnavailable(f"database unreachable: {_first_line(exc)}") from exc
+        raise unreachable(exc, url) from exc
     try:
         conn.execute(f'LISTEN "{channel}"')
         deliver(ListenerEvent("connected"))
@@ -194,17 +196,12 @@ def listen_blocking(
                 conn.execute("SELECT 1")
                 last_traffic = time.monotonic()
     except psycopg.Error as exc:
-        raise StoreUnavailable(f"database unreachable: {_first_line(exc)}") from exc
+        raise unreachable(exc, url) from exc
     finally:
         try:
             conn.close()
         except Exception:
             pass
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 async def listen(

@@ -50,6 +50,7 @@ from psycopg import errors as pgerr
 from psycopg.pq import TransactionStatus
 
 from ..errors import StoreUnavailable
+from . import redact_url
 from .base import IntegrityViolation, Store, Tx, UniqueViolation
 from .notify import CHANNEL, encode_change
 
@@ -68,8 +69,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def unreachable(exc: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"database unreachable: {_first_line(exc)}")
+def unreachable(exc: BaseException, url: str = "") -> StoreUnavailable:
+    """StoreUnavailable for a failed connection; libpq may quote the connection string in its
+    message (``missing "=" after "..."``), so ``url`` is shown with its password masked."""
+    text = _first_line(exc)
+    if url:
+        text = text.replace(url, redact_url(url))
+    return StoreUnavailable(f"database unreachable: {text}")
 
 
 def _translate(exc: psycopg.Error) -> Exception:
@@ -131,7 +137,7 @@ class PostgresStore(Store):
                 options=f"-c lock_timeout={LOCK_TIMEOUT_MS}",
             )
         except psycopg.Error as exc:
-            raise unreachable(exc) from exc
+            raise unreachable(exc, self.url) from exc
 
     def _acquire(self) -> tuple[psycopg.Connection[Any], bool]:
         """An idle pooled connection (reused=True) or a new one."""

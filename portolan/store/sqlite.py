@@ -58,12 +58,16 @@ class SqliteStore(Store):
             self._conn = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
             )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open sqlite store {path!r}: {exc}") from exc
+        try:
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             if path != ":memory:":
                 self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = FULL")
             self._conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
+            self._conn.close()  # e.g. not a database file: do not leave the handle open
             raise StoreUnavailable(f"cannot open sqlite store {path!r}: {exc}") from exc
         self._closed = False
 

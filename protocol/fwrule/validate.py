@@ -70,8 +70,8 @@ def check_subnet(text: str, *, enforce_mask: bool) -> str:
         raise _fail(f'Subnet "{text}" is invalid (bad address component)')
     if not _DIGITS.match(plen_text) or (len(plen_text) > 1 and plen_text[0] == "0"):
         raise _fail(f'Subnet "{text}" is invalid (bad prefix length)')
-    plen = int(plen_text)
-    if plen > bits:
+    plen = _number(plen_text, 0, bits)
+    if plen is None:
         raise _fail(f'Subnet "{text}" is invalid (bad prefix length)')
     if enforce_mask:
         try:
@@ -88,7 +88,8 @@ def check_uuid(text: str) -> str:
 
 
 def _number(text: str, low: int, high: int) -> int | None:
-    if not _DIGITS.match(text):
+    # the length cap keeps int() away from huge digit strings (it refuses over 4300 digits)
+    if not _DIGITS.match(text) or len(text.lstrip("0")) > len(str(high)):
         return None
     value = int(text)
     return value if low <= value <= high else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -448,3 +449,18 @@ def test_a_peer_appearing_moving_or_leaving_updates_the_other_end() -> None:
     service.on_change(IndexChange(7, vnics_removed=(other_owner,)))
     assert service.generation(CN2) == 6  # nothing changed for db this time
     assert service.generation(CN1) == 0 and service.generation(CN3) == 0
+
+
+async def test_a_long_poll_that_gives_up_leaves_no_waiter_behind() -> None:
+    service = PolicyService(directory=None, subscribe=False)
+    service.load(1, [], [])
+    with trio.move_on_after(0.01):
+        await service.wait_changed(CN1, 0)
+    assert service._events == {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.wait_changed, CN2, 0)
+        with trio.move_on_after(0.01):
+            await service.wait_changed(CN2, 0)
+        assert CN2 in service._events  # the other waiter still holds it
+        service.on_change(IndexChange(2, vnics_put=(vnic(2, cn=CN2),)))
+    assert service._events == {}

@@ -362,3 +362,11 @@ def test_multi_error_keeps_sub_errors_and_json_shape() -> None:
 def test_parsed_rule_can_be_given_instead_of_text() -> None:
     raw = parse_raw(VALID)
     assert create_rule({"rule": raw}).text == VALID
+
+
+def test_numbers_too_long_for_int_are_invalid_not_a_crash() -> None:
+    huge = "9" * 5000  # past Python's 4300-digit limit for int()
+    assert (
+        _error(f"FROM any TO all vms ALLOW tcp PORT {huge}") == f'Port number "{huge}" is invalid'
+    )
+    assert _error(f"FROM any TO all vms ALLOW icmp TYPE {huge}") == f'ICMP type "{huge}" is invalid'

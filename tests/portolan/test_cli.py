@@ -180,3 +180,30 @@ def test_lookup_without_a_server_says_so_and_exits_1(capsys):
 def test_lookup_refuses_a_bad_mac_with_exit_2(capsys):
     assert main(["lookup", "vl2", "--mac", "zz", "--vnet", "1"]) == 2
     assert "invalid MAC address" in capsys.readouterr().err
+
+
+def test_a_bad_store_url_is_refused_with_its_password_masked(tmp_path, capsys):
+    url = "postgresq://portolan:hunter2@db.example/portolan"
+    with pytest.raises(ConfigRefused, match="--store") as refused:
+        config_from_args(serve_args("--store", url))
+    assert "hunter2" not in str(refused.value)
+    path = tmp_path / "doc.json"
+    path.write_text("{}")
+    assert main(["load", str(path), "--store", url]) == 2
+    err = capsys.readouterr().err
+    assert "unknown store URL" in err and "hunter2" not in err and "portolan:***@" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lookup", "vl2", "--mac", "00:0a:95:9d:68:16", "--vnet", "-1"],
+        ["lookup", "vl3", "--ip", "10.0.0.1", "--vnet", str(1 << 24)],
+        ["log", "--cn-ip", "192.168.1.1", "--count", "-5"],
+    ],
+)
+def test_lookup_arguments_out_of_svp_range_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert "must be between" in capsys.readouterr().err

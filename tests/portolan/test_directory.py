@@ -20,22 +20,21 @@ from portolan.model import LOG_ROUTE, LogRecord
 from portolan.service import Directory
 from protocol.addr import format_mac, ip_to_wire, parse_mac
 from protocol.svp import LogRouteEntry, LogVL2Entry, LogVL3Entry
-from tests.portolan.conftest import CN1, CN2, CN3, CN4, OWNER, VNET, drain, logs
-
-UL1, UL2, UL3, UL4 = "192.168.1.1", "192.168.1.2", "192.168.1.3", "192.168.1.4"
-
-
-async def _cns(d: Directory) -> None:
-    for cn, ip in ((CN1, UL1), (CN2, UL2), (CN3, UL3), (CN4, UL4)):
-        await d.put_cn(cn, ip)
-
-
-async def _net(d: Directory, subnet: str = "10.0.0.0/24", vnet: int = VNET, **kw):
-    kw.setdefault("gateway", str(next(iter(__import__("ipaddress").ip_network(subnet).hosts()))))
-    return await d.create_network(
-        name="fabric0", owner_uuid=OWNER, vnet_id=vnet, vlan_id=5, subnet=subnet, **kw
-    )
-
+from tests.portolan.conftest import (
+    CN1,
+    CN2,
+    CN3,
+    CN4,
+    OWNER,
+    UL1,
+    UL2,
+    UL3,
+    VNET,
+    create_net,
+    drain,
+    logs,
+    put_cns,
+)
 
 # -- compute nodes ---------------------------------------------------------------------------
 
@@ -71,8 +70,8 @@ async def test_put_cn_lists_every_bad_field(directory: Directory) -> None:
 
 
 async def test_delete_cn_is_refused_while_vnics_live_there(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory)
+    await put_cns(directory)
+    net = await create_net(directory)
     v = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
     with pytest.raises(InUse) as ei:
         await directory.delete_cn(CN1)
@@ -140,20 +139,20 @@ async def test_network_defaults_and_round_trip(directory: Directory) -> None:
 
 
 async def test_overlapping_subnets_in_one_vnet_are_a_conflict(directory: Directory) -> None:
-    await _net(directory, "10.0.0.0/24")
+    await create_net(directory, "10.0.0.0/24")
     with pytest.raises(Conflict) as ei:
-        await _net(directory, "10.0.0.128/25")
+        await create_net(directory, "10.0.0.128/25")
     assert [(e.field, e.code) for e in ei.value.errors] == [("subnet", "Overlap")]
     with pytest.raises(Conflict):
-        await _net(directory, "10.0.0.0/16")
+        await create_net(directory, "10.0.0.0/16")
     # another vnet may reuse the subnet; the same vnet may hold a disjoint one
-    await _net(directory, "10.0.0.0/24", vnet=VNET + 1)
-    await _net(directory, "10.0.1.0/24")
+    await create_net(directory, "10.0.0.0/24", vnet=VNET + 1)
+    await create_net(directory, "10.0.1.0/24")
 
 
 async def test_delete_network_is_refused_while_in_use(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory)
+    await put_cns(directory)
+    net = await create_net(directory)
     v = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
     with pytest.raises(InUse):
         await directory.delete_network(net.uuid)
@@ -169,8 +168,8 @@ async def test_delete_network_is_refused_while_in_use(directory: Directory) -> N
 
 
 async def test_allocation_is_lowest_free_and_skips_the_gateway(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory, "10.0.0.0/29")  # hosts .1-.6, gateway .1
+    await put_cns(directory)
+    net = await create_net(directory, "10.0.0.0/29")  # hosts .1-.6, gateway .1
     ips = [(await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)).ip for _ in range(5)]
     assert ips == ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
     with pytest.raises(SubnetFull) as ei:
@@ -183,8 +182,8 @@ async def test_allocation_is_lowest_free_and_skips_the_gateway(directory: Direct
 
 
 async def test_a_slash_30_holds_one_vnic_besides_its_gateway(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory, "10.0.0.0/30")
+    await put_cns(directory)
+    net = await create_net(directory, "10.0.0.0/30")
     v = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
     assert v.ip == "10.0.0.2"
     with pytest.raises(SubnetFull):
@@ -194,8 +193,8 @@ async def test_a_slash_30_holds_one_vnic_besides_its_gateway(directory: Director
 async def test_allocation_respects_the_provision_range_and_explicit_ips(
     directory: Directory,
 ) -> None:
-    await _cns(directory)
-    net = await _net(directory, provision_start="10.0.0.100", provision_end="10.0.0.101")
+    await put_cns(directory)
+    net = await create_net(directory, provision_start="10.0.0.100", provision_end="10.0.0.101")
     a = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1, ip="10.0.0.100")
     b = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
     assert (a.ip, b.ip) == ("10.0.0.100", "10.0.0.101")
@@ -206,8 +205,8 @@ async def test_allocation_respects_the_provision_range_and_explicit_ips(
 
 
 async def test_allocated_macs_are_locally_administered_unicast(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory)
+    await put_cns(directory)
+    net = await create_net(directory)
     for _ in range(5):
         v = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
         assert v.mac[0] == 0x02 and len(v.mac) == 6
@@ -216,8 +215,8 @@ async def test_allocated_macs_are_locally_administered_unicast(directory: Direct
 async def test_mac_allocation_retries_on_collision(store_url: str) -> None:
     d = await Directory.open(store_url)
     try:
-        await _cns(d)
-        net = await _net(d)
+        await put_cns(d)
+        net = await create_net(d)
         draws = iter([1, 1, 2])
         d._randbits = lambda bits: next(draws)
         a = await d.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
@@ -228,8 +227,8 @@ async def test_mac_allocation_retries_on_collision(store_url: str) -> None:
 
 
 async def test_create_vnic_conflicts_and_bad_references(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory)
+    await put_cns(directory)
+    net = await create_net(directory)
     mac = parse_mac("0:a:95:9d:68:16")
     v = await directory.create_vnic(
         network_uuid=net.uuid,
@@ -272,8 +271,8 @@ async def test_create_vnic_conflicts_and_bad_references(directory: Directory) ->
 
 
 async def test_get_list_update_delete_vnic(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory)
+    await put_cns(directory)
+    net = await create_net(directory)
     a = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1, owner_uuid=OWNER)
     b = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN2)
     assert await directory.get_vnic(a.mac) == a
@@ -305,8 +304,8 @@ async def test_get_list_update_delete_vnic(directory: Directory) -> None:
 async def test_lookups_see_every_change_as_soon_as_the_call_returns(
     directory: Directory,
 ) -> None:
-    await _cns(directory)
-    net = await _net(directory)
+    await put_cns(directory)
+    net = await create_net(directory)
     v = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
     ip16 = ip_to_wire(v.ip)
     assert directory.index.vl2(v.mac, VNET) == (4789, ip_to_wire(UL1))
@@ -324,8 +323,8 @@ async def test_lookups_see_every_change_as_soon_as_the_call_returns(
 
 async def test_the_index_is_rebuilt_from_the_store_on_open(store_url: str) -> None:
     d = await Directory.open(store_url)
-    await _cns(d)
-    net = await _net(d)
+    await put_cns(d)
+    net = await create_net(d)
     v = await d.create_vnic(network_uuid=net.uuid, cn_uuid=CN3)
     await d.aclose()
     d = await Directory.open(store_url)
@@ -341,7 +340,7 @@ async def test_the_index_is_rebuilt_from_the_store_on_open(store_url: str) -> No
 
 async def test_versions_grow_with_every_change(directory: Directory) -> None:
     seen = [(await directory.put_cn(CN1, UL1))[0].version]
-    net = await _net(directory)
+    net = await create_net(directory)
     seen.append(net.version)
     v = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
     seen.append(v.version)
@@ -360,8 +359,8 @@ async def test_versions_grow_with_every_change(directory: Directory) -> None:
 
 
 async def test_create_sends_vl3_to_every_cn_of_the_vnet(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory)
+    await put_cns(directory)
+    net = await create_net(directory)
     a = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
     assert await logs(directory, CN1, CN2, CN3) == {
         CN1: [("VL3", a.ip, 5, VNET)],
@@ -378,12 +377,12 @@ async def test_create_sends_vl3_to_every_cn_of_the_vnet(directory: Directory) ->
 
 
 async def _two_vnics(d: Directory):
-    await _cns(d)
-    net = await _net(d)
+    await put_cns(d)
+    net = await create_net(d)
     a = await d.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
     b = await d.create_vnic(network_uuid=net.uuid, cn_uuid=CN2)
     # an unrelated vnet on CN3 must never hear of these
-    other = await _net(d, vnet=VNET + 1)
+    other = await create_net(d, vnet=VNET + 1)
     await d.create_vnic(network_uuid=other.uuid, cn_uuid=CN3)
     await drain(d, CN1, CN2, CN3, CN4)
     return a, b
@@ -420,7 +419,7 @@ async def test_delete_sends_vl2_to_the_cns_of_the_vnet_before_the_delete(
 
 async def test_cn_address_change_sends_vl2_for_each_of_its_vnics(directory: Directory) -> None:
     a, b = await _two_vnics(directory)
-    other = await _net(directory, "10.5.0.0/24", vnet=VNET + 2)
+    other = await create_net(directory, "10.5.0.0/24", vnet=VNET + 2)
     c = await directory.create_vnic(network_uuid=other.uuid, cn_uuid=CN1)
     d4 = await directory.create_vnic(network_uuid=other.uuid, cn_uuid=CN4)
     await drain(directory, CN1, CN2, CN3, CN4)
@@ -456,8 +455,8 @@ async def test_log_rows_are_written_with_the_change_version(directory: Directory
 
 
 async def _three_vl2(d: Directory) -> list[LogRecord]:
-    await _cns(d)
-    net = await _net(d)
+    await put_cns(d)
+    net = await create_net(d)
     vs = [await d.create_vnic(network_uuid=net.uuid, cn_uuid=CN1) for _ in range(3)]
     await drain(d, CN1)
     for v in vs:
@@ -483,8 +482,8 @@ async def test_fetch_log_budget_counts_the_status_word(directory: Directory) -> 
 async def test_fetch_log_stops_at_the_first_entry_that_does_not_fit(
     directory: Directory,
 ) -> None:
-    await _cns(directory)
-    net = await _net(directory)
+    await put_cns(directory)
+    net = await create_net(directory)
     v = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)  # VL3 (44)
     await directory.delete_vnic(v.mac)  # VL2 (32)
     got = await directory.fetch_log(CN1, 4 + 44 + 31)
@@ -495,7 +494,7 @@ async def test_fetch_log_stops_at_the_first_entry_that_does_not_fit(
 
 
 async def test_route_entries_are_skipped_for_v1(directory: Directory) -> None:
-    await _cns(directory)
+    await put_cns(directory)
     route = LogRecord(
         id=uuid.uuid4().bytes,
         cn_uuid=CN1,
@@ -514,7 +513,7 @@ async def test_route_entries_are_skipped_for_v1(directory: Directory) -> None:
             tx.append_log([route])
 
     await trio.to_thread.run_sync(write)
-    net = await _net(directory)
+    net = await create_net(directory)
     await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
     v1 = await directory.fetch_log(CN1, 1024, version=1)
     assert [type(e) for e in v1] == [LogVL3Entry]
@@ -656,8 +655,8 @@ async def test_load_rejects_a_non_object(directory: Directory) -> None:
 
 
 async def test_concurrent_creates_never_share_an_ip(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory, "10.0.0.0/27")
+    await put_cns(directory)
+    net = await create_net(directory, "10.0.0.0/27")
     got = []
 
     async def one(cn: str) -> None:

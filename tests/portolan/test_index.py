@@ -6,11 +6,13 @@ import struct
 import time
 import zlib
 from typing import Any
+from unittest.mock import patch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portolan.index import IndexChange, LookupIndex, vl2_key, vl3_key
+import portolan.index as index_module
+from portolan.index import FLAT_VL2, FlatTable, IndexChange, LookupIndex, vl2_key, vl3_key
 from portolan.model import ComputeNode, Route, Vnic
 from portolan.store import Snapshot
 from portolan.svp_server import SvpServer
@@ -188,13 +190,19 @@ def test_loading_100k_vnics_is_quick() -> None:
             st.integers(0, 2),  # cn address
         ),
         max_size=40,
-    )
+    ),
+    st.booleans(),
 )
-def test_apply_agrees_with_a_naive_model(ops: list[tuple[str, int, int, str, int]]) -> None:
-    """Random puts/removes/CN moves leave the index answering exactly like a plain dict model."""
+def test_apply_agrees_with_a_naive_model(
+    ops: list[tuple[str, int, int, str, int]], tiny_flat: bool
+) -> None:
+    """Random puts/removes/CN moves leave the index answering exactly like a plain dict model
+    (also with flat tables of 8 records, which fill up, wrap and fall back on the dicts)."""
     idx = LookupIndex()
     cns = {c: f"192.168.0.{i + 1}" for i, c in enumerate((CN1, CN2, CN3))}
-    idx.load(Snapshot(version=0, cns=[ComputeNode(c, ip) for c, ip in cns.items()]))
+    with patch.object(index_module, "_FLAT_MIN", 8 if tiny_flat else index_module._FLAT_MIN):
+        idx.load(Snapshot(version=0, cns=[ComputeNode(c, ip) for c, ip in cns.items()]))
+    assert (len(idx._flat2.buf) == 8 * 16) == tiny_flat
     vnics: dict[int, Vnic] = {}  # mac -> vnic; (vnet, ip) kept unique like the store does
     for version, (op, m, i, cn, a) in enumerate(ops, start=1):
         mac = bytes([2, 0, 0, 0, 0, m])
@@ -393,3 +401,66 @@ def test_bulk_records_are_bounded_and_count_everything() -> None:
     total, recs = idx.vl3_records(5)
     assert total == 2 and sorted(recs) == sorted(idx.vl3_items())
     assert idx.vl2_records(0) == (2, [])
+
+
+def _tiny_flat() -> FlatTable:
+    t = FlatTable(FLAT_VL2, 12, 0)
+    t.mask, t.end, t.limit = 7, 8 * t.size, 5  # 8 records, at most 5 used
+    return t
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["put", "discard"]), st.integers(0, 9), st.integers(0, 70000)),
+        max_size=60,
+    )
+)
+def test_flat_table_live_records_agree_with_the_dict_it_mirrors(
+    ops: list[tuple[str, int, int]],
+) -> None:
+    """Whatever the table holds live is the dict's value; what it cannot hold it leaves out
+    (full table, a slot over u16), so the lane's fallback on the dict stays correct."""
+    t = _tiny_flat()
+    model: dict[bytes, int] = {}
+    for op, k, value in ops:
+        key = vl2_key(bytes([2, 0, 0, 0, 0, k]), 7)
+        if op == "put":
+            model[key] = value
+            stored = t.put(key, value)
+            assert stored == (t.get(key) == (value,))
+            if value >= 1 << 16:
+                assert not stored
+        else:
+            model.pop(key, None)
+            t.discard(key)
+        assert len(t) <= 5
+        for kk in range(10):
+            probe = vl2_key(bytes([2, 0, 0, 0, 0, kk]), 7)
+            got = t.get(probe)
+            assert got is None or (probe in model and got == (model[probe],))
+
+
+def test_the_lane_falls_back_on_the_dicts_once_the_flat_tables_are_full() -> None:
+    idx = LookupIndex()
+    idx.load(_snapshot())
+    n = 3000  # over the 4096-record tables' 70% (2867)
+    vnics = tuple(
+        Vnic((0x020000000000 + i).to_bytes(6, "big"), f"10.1.{i >> 8}.{i & 255}", 5, 0, CN2)
+        for i in range(n)
+    )
+    idx.apply(IndexChange(6, vnics_put=vnics))
+    assert len(idx._flat2) < n and len(idx) == n + 2
+    replies = _lane(
+        idx,
+        [VL2Request(i, v.mac, 5).encode() for i, v in enumerate(vnics)]
+        + [VL3Request(i, ip_to_wire(v.ip), 1, 5).encode() for i, v in enumerate(vnics)],
+    )
+    assert all(r.status == Status.OK and r.addr == UL2 for r in replies)
+    assert [r.mac for r in replies[n:]] == [v.mac for v in vnics]
+    # removals reach the VNICs the flat tables hold and those only the dicts hold
+    idx.apply(IndexChange(7, vnics_removed=(vnics[0], vnics[-1])))
+    gone = _lane(
+        idx, [VL2Request(1, vnics[0].mac, 5).encode(), VL2Request(2, vnics[-1].mac, 5).encode()]
+    )
+    assert [r.status for r in gone] == [Status.NOTFOUND, Status.NOTFOUND]

@@ -10,7 +10,6 @@ Directories on one database allocating concurrently and sharing one log.
 
 from __future__ import annotations
 
-import ipaddress
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,12 +34,25 @@ from portolan.service import Directory
 from portolan.store import SCHEMA_VERSION, SchemaTooNew, UniqueViolation, open_store
 from portolan.store.schema import MIGRATIONS
 from protocol.addr import format_mac, ip_to_wire, parse_mac
-from tests.portolan.conftest import CN1, CN2, CN3, CN4, OWNER, VNET, drain, logs
+from tests.portolan.conftest import (
+    CN1,
+    CN2,
+    CN3,
+    CN4,
+    OWNER,
+    UL1,
+    UL2,
+    UL4,
+    VNET,
+    create_net,
+    drain,
+    logs,
+    put_cns,
+)
 from tests.support import pg_fixtures
 
 MAC1 = bytes.fromhex("020000000001")
 MAC2 = bytes.fromhex("020000000002")
-UL1, UL2, UL3, UL4 = "192.168.1.1", "192.168.1.2", "192.168.1.3", "192.168.1.4"
 
 # the PostgreSQL fixtures (tests/support/pg_fixtures.py): a session cluster, a database per test
 pg_cluster = pg_fixtures.pg_cluster
@@ -80,18 +92,6 @@ def _vnic(mac: bytes = MAC1, ip: str = "10.0.0.5", cn: str = CN1, vnet: int = 7)
 
 def _logrec(cn: str, type_: int = LOG_VL2, **kw: Any) -> LogRecord:
     return LogRecord(id=uuid.uuid4().bytes, cn_uuid=cn, type=type_, vnet_id=7, **kw)
-
-
-async def _cns(d: Directory) -> None:
-    for cn, ip in ((CN1, UL1), (CN2, UL2), (CN3, UL3), (CN4, UL4)):
-        await d.put_cn(cn, ip)
-
-
-async def _net(d: Directory, subnet: str = "10.0.0.0/24", vnet: int = VNET, **kw: Any) -> Network:
-    kw.setdefault("gateway", str(next(iter(ipaddress.ip_network(subnet).hosts()))))
-    return await d.create_network(
-        name="fabric0", owner_uuid=OWNER, vnet_id=vnet, vlan_id=5, subnet=subnet, **kw
-    )
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -274,8 +274,8 @@ def test_a_closed_store_is_unavailable(backend_url: str) -> None:
 async def test_allocation_is_lowest_free_skips_the_gateway_and_fills_up(
     directory: Directory,
 ) -> None:
-    await _cns(directory)
-    net = await _net(directory, "10.0.0.0/29")  # hosts .1-.6, gateway .1
+    await put_cns(directory)
+    net = await create_net(directory, "10.0.0.0/29")  # hosts .1-.6, gateway .1
     ips = [(await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)).ip for _ in range(5)]
     assert ips == ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
     with pytest.raises(SubnetFull) as ei:
@@ -288,8 +288,8 @@ async def test_allocation_is_lowest_free_skips_the_gateway_and_fills_up(
 
 
 async def test_duplicates_are_conflicts(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory)
+    await put_cns(directory)
+    net = await create_net(directory)
     mac = parse_mac("0:a:95:9d:68:16")
     await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1, mac=mac, ip="10.0.0.9")
     with pytest.raises(Conflict) as ei:
@@ -301,12 +301,12 @@ async def test_duplicates_are_conflicts(directory: Directory) -> None:
     with pytest.raises(Conflict):
         await directory.put_cn(str(uuid.uuid4()), UL1)
     with pytest.raises(Conflict):
-        await _net(directory, "10.0.0.128/25")  # overlaps in the same vnet
+        await create_net(directory, "10.0.0.128/25")  # overlaps in the same vnet
 
 
 async def test_changes_fan_out_shootdowns_and_reach_the_index(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory)
+    await put_cns(directory)
+    net = await create_net(directory)
     a = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
     b = await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN2)
     await drain(directory, CN1, CN2, CN3, CN4)
@@ -352,8 +352,8 @@ async def test_load_is_all_or_nothing_and_writes_no_log(directory: Directory) ->
 
 async def test_the_index_is_rebuilt_from_the_store_on_open(backend_url: str) -> None:
     d = await Directory.open(backend_url)
-    await _cns(d)
-    net = await _net(d)
+    await put_cns(d)
+    net = await create_net(d)
     v = await d.create_vnic(network_uuid=net.uuid, cn_uuid=CN2)
     version = d.index.version
     await d.aclose()
@@ -368,8 +368,8 @@ async def test_the_index_is_rebuilt_from_the_store_on_open(backend_url: str) -> 
 
 
 async def test_concurrent_creates_in_one_directory_never_share_an_ip(directory: Directory) -> None:
-    await _cns(directory)
-    net = await _net(directory, "10.0.0.0/27")
+    await put_cns(directory)
+    net = await create_net(directory, "10.0.0.0/27")
     got: list[Vnic] = []
 
     async def one(cn: str) -> None:
@@ -391,8 +391,8 @@ async def test_two_directories_on_one_database_never_hand_out_the_same_address(
     a = await Directory.open(backend_url)
     b = await Directory.open(backend_url)
     try:
-        await _cns(a)
-        net = await _net(a, "10.0.0.0/27")
+        await put_cns(a)
+        net = await create_net(a, "10.0.0.0/27")
         made: list[Vnic] = []
         full = 0
 
@@ -428,8 +428,8 @@ async def test_the_shootdown_log_is_shared_by_directories_on_one_database(
     a = await Directory.open(backend_url)
     b = await Directory.open(backend_url)
     try:
-        await _cns(a)
-        net = await _net(a)
+        await put_cns(a)
+        net = await create_net(a)
         await a.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
         await b.create_vnic(network_uuid=net.uuid, cn_uuid=CN1)
         seen_by_b = await b.log_records(CN1)

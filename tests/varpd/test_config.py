@@ -68,6 +68,7 @@ def _dev(**kw: object) -> dict[str, object]:
         ({"cn_uuid": "not-a-uuid"}, "cn_uuid"),
         ({"metrics": "localhost"}, "metrics"),
         ({"metrics": "127.0.0.1:99999"}, "metrics"),
+        ({"metrics": "127.0.0.1:\u00b2"}, "metrics"),  # a digit int() refuses
         ({"state_dir": 5}, "state_dir"),
         ({"lookup_workers": 0}, "lookup_workers"),
         ({"portolan_api": "ftp://x"}, "portolan_api"),
@@ -113,3 +114,24 @@ def test_invalid_toml_is_refused_with_the_file_named(tmp_path: Path) -> None:
 def test_missing_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_config_bounds_are_the_shims_and_the_firewalls() -> None:
+    # varpd.config keeps copies so that varpdadm need not import trio; keep them equal.
+    from varpd import config
+    from varpd.firewall.conntrack import DEFAULT_MAX_FLOWS
+    from varpd.shim import device
+
+    assert (config.MTU_MIN, config.MTU_MAX, config.MTU_DEFAULT) == (
+        device.MTU_MIN,
+        device.MTU_MAX,
+        device.MTU_DEFAULT,
+    )
+    assert config.FIREWALL_MAX_FLOWS_DEFAULT == DEFAULT_MAX_FLOWS
+
+
+def test_a_uint_property_refuses_digits_int_cannot_read() -> None:
+    from varpd.plugins.base import PropError, PropSpec
+
+    with pytest.raises(PropError):
+        PropSpec("direct/dest_port", "uint").validate("\u00b2")

@@ -153,8 +153,8 @@ class Conntrack:
     def update(self, flow: Flow, proto: int, direction: int, tcp_flags: int, now: float) -> None:
         """Account a packet of ``flow``: TCP state and the new expiry time."""
         t = self.timeouts
+        flow.seen |= 1 << direction
         if proto == PROTO_TCP:
-            flow.seen |= 1 << direction
             if tcp_flags & (TCP_FIN | TCP_RST):
                 flow.state = TCP_CLOSING
             elif flow.state == TCP_CLOSING:
@@ -171,13 +171,10 @@ class Conntrack:
             else:
                 flow.expires = now + t.tcp_closing
         elif proto == PROTO_UDP:
-            flow.seen |= 1 << direction
             flow.expires = now + t.udp
         elif proto in (PROTO_ICMP, PROTO_ICMP6):
-            flow.seen |= 1 << direction
             flow.expires = now + t.icmp
         else:
-            flow.seen |= 1 << direction
             flow.expires = now + t.other
 
     def _make_room(self, now: float) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import trio
 
-from protocol.fwpolicy import Policy, PolicyError, from_json
+from protocol.fwpolicy import Policy, from_json
 
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 10.0
@@ -112,9 +112,7 @@ class PolicyFetcher:
                 while True:
                     try:
                         more = await self._once(client, full)
-                    except (httpx.HTTPError, FetchError, PolicyError, ValueError) as exc:
-                        self._failed(exc)
-                    except Exception as exc:  # apply() blew up: keep the daemon alive
+                    except Exception as exc:  # HTTP, bad policy, or apply() blew up: back off
                         self._failed(exc)
                     else:
                         delay = self.backoff_initial

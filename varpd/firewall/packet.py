@@ -55,7 +55,6 @@ ICMP6_ECHO_REQUEST: Final = 128
 ICMP6_ECHO_REPLY: Final = 129
 ICMP4_ERRORS: Final = frozenset({3, 4, 5, 11, 12})
 ICMP6_ERRORS: Final = frozenset({1, 2, 3, 4})
-ECHO_REQUESTS: Final = frozenset({(PROTO_ICMP, 8), (PROTO_ICMP6, 128)})
 
 NOT_IP: Final = 0
 MALFORMED: Final = 1

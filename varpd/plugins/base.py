@@ -147,7 +147,7 @@ class PropSpec:
             raise PropError(self.name, f"expected an unsigned integer, got {value!r}")
         if isinstance(value, int):
             n = value
-        elif isinstance(value, str) and value.strip().isdigit():
+        elif isinstance(value, str) and value.strip().isdecimal():
             n = int(value.strip())
         else:
             raise PropError(self.name, f"expected an unsigned integer, got {value!r}")

@@ -33,7 +33,8 @@ from typing import Any, ClassVar
 
 import trio
 
-from protocol.addr import format_mac, ip_to_wire, parse_mac
+from protocol.addr import BROADCAST_MAC, format_mac, ip_to_wire, parse_mac
+from protocol.ethernet import ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6
 from varpd.plugins.base import (
     LookupReply,
     Plugin,
@@ -46,8 +47,6 @@ from varpd.shim.types import LookupRequest, Point, TargetMode
 log = logging.getLogger("varpd.plugins.files")
 
 PROP = "files/config"
-ETHERTYPE_IPV4, ETHERTYPE_ARP, ETHERTYPE_IPV6 = 0x0800, 0x0806, 0x86DD
-BROADCAST = b"\xff" * 6
 POLL_INTERVAL = 1.0
 MAX_FILE = 16 << 20
 _io_limiter = trio.CapacityLimiter(4)
@@ -248,11 +247,11 @@ class FilesPlugin(Plugin):
         self.host.log.info("reloaded %s (%d entries)", path, len(table.entries))
 
     async def lookup(self, req: LookupRequest, reply: LookupReply) -> None:
-        if req.sap == ETHERTYPE_ARP:
+        if req.sap == ETH_P_ARP:
             await reply.proxy_arp()
-        elif req.sap == ETHERTYPE_IPV6 and req.dst_mac[:2] == b"\x33\x33":
+        elif req.sap == ETH_P_IPV6 and req.dst_mac[:2] == b"\x33\x33":
             await reply.proxy_ndp()
-        elif req.sap == ETHERTYPE_IPV4 and req.dst_mac == BROADCAST:
+        elif req.sap == ETH_P_IPV4 and req.dst_mac == BROADCAST_MAC:
             src = self.table.entries.get(req.src_mac)
             if src is not None and src.dhcp_proxy is not None:
                 await reply.proxy_dhcp()

@@ -32,7 +32,8 @@ Identifiers and objects
   state machine, and the driver-wide queue of misses waiting for varpd.
 - ``Mux`` (mux.py): one per listen ip:port in use, shared by its devices, demux by VNI.
 - ``Backend`` / ``VnicPort`` (backend.py): what moves datagrams and frames; ``memory.py`` is
-  the in-process implementation.
+  the in-process implementation, ``udp.py`` the one on real UDP sockets with TAP devices as
+  VNICs (``tap.py``), imported only when used.
 - types.py: ``Point``, ``LookupRequest``, ``CacheEntry``, enums, ``DeviceStatus``, errors.
 
 Lifecycle of a device (spec §1.3)
@@ -69,7 +70,9 @@ added for a VNIC with vlan != 0. ``overlay_tx`` (also the target of ``resend``):
 -> drop; > mtu+14(+4 tagged) -> drop; POINT -> send; DYNAMIC -> cache: DROP -> drop, VALID ->
 send, else queue on the entry (miss). Sending is ``vxlan header + frame`` to
 ``Backend.send(listen, point, datagram, flow_hash(frame))``: synchronous, never awaits; a
-refusal is counted (``tx_drop_backend``). Outer source port = ``source_port(flow_hash)``.
+refusal is counted (``tx_drop_backend``). The backend turns the flow hash into the outer
+source port: memory uses ``protocol.vxlan.source_port(flow_hash)``, udp picks one socket of
+its send pool, so one inner flow always leaves from one port.
 
 Receive: backend -> ``Mux.receive(payload, outer source)``: <8 bytes, no I bit, unknown VNI
 are counted drops on the mux; reserved bits are ignored. Device: inner <14 bytes -> drop;

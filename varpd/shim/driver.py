@@ -10,7 +10,7 @@ from typing import Any
 import trio
 
 from protocol import vxlan
-from protocol.addr import format_mac
+from protocol.addr import UNSPECIFIED, V4_MAPPED_PREFIX, ZERO_MAC, format_mac
 from protocol.ethernet import ETHERMAX_VLAN, FrameError, parse_l2
 
 from .backend import Backend, VnicPort
@@ -46,7 +46,6 @@ from .types import (
 ENCAPS = ("vxlan",)
 DEGRADE_MESSAGE_MAX = 255  # 256 bytes with the NUL, as OVERLAY_STATUS_BUFLEN
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,31}")
-_ZERO_MAC = b"\x00" * 6
 
 DRIVER_COUNTERS = (
     "lookups",  # requests handed to varpd
@@ -423,7 +422,7 @@ class OverlayDriver:
         """VALID/DROP entries in MAC order (``after``: a marker MAC; ``limit``: batch size)."""
         device = self.device(name)
         if device.mode == TargetMode.POINT and device.point is not None:
-            return [] if after is not None else [CacheEntry(_ZERO_MAC, int(VALID), device.point)]
+            return [] if after is not None else [CacheEntry(ZERO_MAC, int(VALID), device.point)]
         return self._dynamic_cache(name, "list").list(after, limit)
 
     # ------------------------------------------------------------------ VNICs
@@ -431,7 +430,7 @@ class OverlayDriver:
     def add_vnic(self, name: str, mac: bytes, vlan: int = 0, port: VnicPort | None = None) -> Vnic:
         device = self.device(name)
         _check_mac(mac)
-        if mac[0] & 1 or mac == _ZERO_MAC:
+        if mac[0] & 1 or mac == ZERO_MAC:
             raise InvalidArgument(f"VNIC MAC {format_mac(mac)} must be a non-zero unicast MAC")
         if isinstance(vlan, bool) or not isinstance(vlan, int) or not 0 <= vlan <= 4094:
             raise InvalidArgument(f"VLAN id must be 0..4094, got {vlan!r}")
@@ -490,7 +489,7 @@ def _check_mac(mac: bytes) -> None:
 
 def _check_point(point: Point) -> None:
     ip = point.ip
-    if ip == b"\x00" * 16 or ip == b"\x00" * 10 + b"\xff\xff" + b"\x00" * 4:
+    if ip == UNSPECIFIED or ip == V4_MAPPED_PREFIX + b"\x00" * 4:
         raise InvalidArgument(f"point {point} has an unspecified address")
     if ip[:12] == b"\x00" * 12 and int.from_bytes(ip[12:], "big") > 1:
         raise InvalidArgument(f"point {point} is an IPv4-compatible address; use IPv4")

@@ -65,6 +65,8 @@ from typing import Any
 
 import trio
 
+from protocol.addr import V4_MAPPED_PREFIX
+
 from .backend import DatagramReceiver
 from .tap import TapPort, configure, open_tap
 from .types import AddressInUse, NotRunning, Point, ShimError
@@ -76,7 +78,6 @@ BATCH = 256  # datagrams drained per wakeup before other tasks get a turn
 RCVBUF = 4 << 20
 SNDBUF = 1 << 20
 MAX_DATAGRAM = 65535
-_V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
 _SOURCE_CACHE_MAX = 65536
 
 BACKEND_COUNTERS = (
@@ -108,7 +109,7 @@ def _every_power_of_two(n: int) -> bool:
 
 def sockaddr_of(point: Point, family: int) -> tuple[Any, ...] | None:
     """The ``sendto`` address of ``point`` for a socket of ``family`` (None: unreachable)."""
-    if point.ip.startswith(_V4_PREFIX):
+    if point.ip.startswith(V4_MAPPED_PREFIX):
         v4 = socket.inet_ntop(socket.AF_INET, point.ip[12:])
         if family == socket.AF_INET:
             return (v4, point.port)
@@ -210,7 +211,7 @@ class UdpBackend:
             raise NotRunning("the udp backend is not running (start the driver first)")
         if listen in self._listeners:
             raise AddressInUse(f"underlay address {listen} is already bound")
-        family = socket.AF_INET if listen.ip.startswith(_V4_PREFIX) else socket.AF_INET6
+        family = socket.AF_INET if listen.ip.startswith(V4_MAPPED_PREFIX) else socket.AF_INET6
         address = sockaddr_of(listen, family)
         assert address is not None
         try:
@@ -257,7 +258,7 @@ class UdpBackend:
         if len(self._sources) >= _SOURCE_CACHE_MAX:
             self._sources.clear()
         if len(addr) == 2:
-            ip = _V4_PREFIX + socket.inet_aton(addr[0])
+            ip = V4_MAPPED_PREFIX + socket.inet_aton(addr[0])
         else:
             ip = socket.inet_pton(socket.AF_INET6, addr[0].split("%", 1)[0])
         point = self._sources[addr] = Point(ip, addr[1])

@@ -50,6 +50,7 @@ from ipaddress import IPv4Address, IPv6Address
 import trio
 
 from protocol.svp import (
+    MIN_BODY_SIZE,
     REPLY_OP,
     BadLogEntry,
     LogRequest,
@@ -75,10 +76,10 @@ MAX_ID = 2**31 - 1
 _HDR = struct.Struct(">HHII")
 # Ack op -> exact body size (None: LOG_ACK, bounded by the request's count instead).
 _ACK_SIZES: dict[int, int | None] = {
-    Op.VL2_ACK: 20,
-    Op.VL3_ACK: 28,
+    Op.VL2_ACK: MIN_BODY_SIZE[Op.VL2_ACK],
+    Op.VL3_ACK: MIN_BODY_SIZE[Op.VL3_ACK],
     Op.LOG_ACK: None,
-    Op.LOG_RM_ACK: 4,
+    Op.LOG_RM_ACK: MIN_BODY_SIZE[Op.LOG_RM_ACK],
 }
 # errnos after which retrying soon is pointless: the host itself cannot make sockets.
 _LOCAL_ERRNOS = frozenset(

@@ -6,7 +6,7 @@ import logging
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, ClassVar
 
-from protocol.addr import format_mac, ip_to_wire
+from protocol.addr import UNSPECIFIED, format_mac, ip_to_wire
 from protocol.ethernet import ETH_P_ARP, ETH_P_IPV6
 from protocol.svp import Status
 from varpd.plugins.base import Plugin, PluginHost, PropError, PropSpec
@@ -19,7 +19,6 @@ log = logging.getLogger("varpd.plugins.svp")
 DEFAULT_PORT = 1296
 DEFAULT_UNDERLAY_PORT = 1339
 OPTIONS_KEY = "svp:options"
-_UNSPECIFIED = b"\x00" * 16
 
 
 class SvpPlugin(Plugin):
@@ -154,7 +153,7 @@ class SvpPlugin(Plugin):
             self.log.debug("svp: VL2 lookup of %s failed: %s", format_mac(dst), exc)
             reply.drop()
             return
-        if ack.status != Status.OK or ack.addr == _UNSPECIFIED:
+        if ack.status != Status.OK or ack.addr == UNSPECIFIED:
             reply.drop()
             return
         reply.respond(Point(ack.addr, ack.port))
@@ -171,7 +170,7 @@ class SvpPlugin(Plugin):
             return None
         if ack.status != Status.OK:
             return None
-        if ack.addr != _UNSPECIFIED:
+        if ack.addr != UNSPECIFIED:
             self.host.driver.cache_set(self.host.device, ack.mac, Point(ack.addr, ack.port))
         return ack.mac
 

@@ -39,7 +39,7 @@ from typing import Any
 import trio
 from prometheus_client import Counter
 
-from protocol.addr import ip_to_wire
+from protocol.addr import V4_MAPPED_PREFIX, ip_to_wire
 from protocol.svp import (
     LogAck,
     LogRemove,
@@ -455,7 +455,7 @@ class Remote:
         return reply
 
     async def vl3(self, ip16: bytes, vnet_id: int) -> VL3Ack:
-        ip_type = VL3Type.IP if ip16[:12] == b"\x00" * 10 + b"\xff\xff" else VL3Type.IPV6
+        ip_type = VL3Type.IP if ip16[:12] == V4_MAPPED_PREFIX else VL3Type.IPV6
         reply = await self.query(VL3Request(0, ip16, int(ip_type), vnet_id))
         assert isinstance(reply, VL3Ack)
         return reply

@@ -24,22 +24,12 @@ Failures (no connection, a reset, a non-OK LOG_ACK) just wait the idle interval 
 from __future__ import annotations
 
 import logging
-import struct
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from protocol.addr import ip_from_wire
-from protocol.ethernet import (
-    ETH_P_IPV6,
-    ICMPV6_NA,
-    IPPROTO_ICMPV6,
-    NA_FLAG_OVERRIDE,
-    NDP_OPT_TLLA,
-    build_garp,
-    build_l2_header,
-    icmpv6_checksum,
-)
+from protocol.addr import UNSPECIFIED, ip_from_wire
+from protocol.ethernet import build_garp, build_unsolicited_na
 from protocol.svp import LogRouteEntry, LogVL2Entry, LogVL3Entry, Status
 from varpd.plugins.svp.conn import SvpError
 from varpd.shim.types import Point
@@ -49,23 +39,6 @@ if TYPE_CHECKING:
     from varpd.plugins.svp.remote import Remote
 
 log = logging.getLogger("varpd.plugins.svp")
-
-ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
-ALL_NODES_IP6 = bytes.fromhex("ff020000000000000000000000000001")
-
-
-def build_unsolicited_na(mac: bytes, ip16: bytes, vlan: int = 0) -> bytes:
-    """An unsolicited Neighbor Advertisement (RFC 4861 §7.2.6): ``ip16`` is at ``mac``.
-
-    To all-nodes (ff02::1, 33:33:00:00:00:01), hop limit 255, flags Override only, with a
-    Target Link-Layer Address option; tagged when ``vlan`` is not 0.
-    """
-    na = bytearray(
-        struct.pack(">BBHI16sBB6s", ICMPV6_NA, 0, 0, NA_FLAG_OVERRIDE, ip16, NDP_OPT_TLLA, 1, mac)
-    )
-    struct.pack_into(">H", na, 2, icmpv6_checksum(ip16, ALL_NODES_IP6, na))
-    ip6 = struct.pack(">IHBB16s16s", 6 << 28, len(na), IPPROTO_ICMPV6, 255, ip16, ALL_NODES_IP6)
-    return build_l2_header(ALL_NODES_MAC, mac, ETH_P_IPV6, vlan) + ip6 + bytes(na)
 
 
 def build_announcement(mac: bytes, ip16: bytes, vlan: int = 0) -> bytes:
@@ -164,7 +137,8 @@ class LogPoller:
         if host is None:
             return True
         try:
-            host.driver.cache_set(host.device, ack.mac, Point(ack.addr, ack.port))
+            if ack.addr != UNSPECIFIED:  # as SvpPlugin.arp: never cache a point at ::
+                host.driver.cache_set(host.device, ack.mac, Point(ack.addr, ack.port))
             host.driver.inject(host.device, build_announcement(ack.mac, entry.ip, entry.vlan))
         except Exception as exc:
             log.info("svp: cannot apply VL3 shootdown on %s yet: %s", host.device, exc)
