@@ -317,6 +317,11 @@ class Directory:
         self._subscribers: list[Callable[[IndexChange | None], None]] = []
         self._randbits = randbits
         self._closed = False
+        # LOG_REQ answers "nothing for you" from memory while nothing was written since the
+        # CN's log was last read empty: every write (local, remote via apply_remote, or a
+        # reload) moves the epoch, so an idle poll costs no store read.
+        self._log_epoch = 0
+        self._log_empty: dict[tuple[str, bool], int] = {}
 
     @classmethod
     async def open(cls, url: str) -> Directory:
@@ -343,6 +348,7 @@ class Directory:
             snapshot = await self._read(lambda tx: tx.snapshot())
             # built in a worker thread (seconds at 1M VNICs), swapped in atomically here
             self.index.install(await trio.to_thread.run_sync(self.index.prepare, snapshot))
+            self._log_epoch += 1
             self._notify(None)
 
     def subscribe(self, callback: Callable[[IndexChange | None], None]) -> Callable[[], None]:
@@ -367,6 +373,7 @@ class Directory:
         Directory's own writes so a remote change never overtakes a local one."""
         async with self._write_lock:
             result = await self._read(read)
+            self._log_epoch += 1
             apply(result)
             return result
 
@@ -401,6 +408,7 @@ class Directory:
 
         async with self._write_lock:
             result, change = await trio.to_thread.run_sync(run, limiter=self._limiter)
+            self._log_epoch += 1
             if change is not None:
                 self.index.apply(change)
                 self._notify(change)
@@ -880,7 +888,12 @@ class Directory:
         if avail < smallest:
             return []
         types = (LOG_VL2, LOG_VL3) if version < 2 else None
+        epoch, key = self._log_epoch, (cn_uuid, types is None)
+        if self._log_empty.get(key) == epoch:
+            return []
         rows = await self._read(lambda tx: tx.fetch_log(cn_uuid, avail // smallest, types))
+        if not rows:
+            self._log_empty[key] = epoch
         out: list[LogEntry] = []
         used = 0
         for r in rows:

@@ -678,3 +678,29 @@ async def test_a_closed_store_is_store_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         await d.put_cn(CN1, UL1)
     await d.aclose()
+
+
+async def test_idle_log_polls_are_answered_from_memory_until_a_write(
+    directory: Directory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await put_cns(directory)
+    net = await create_net(directory)
+    reads = 0
+    real_read = directory._read
+
+    async def counting_read(fn):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        return await real_read(fn)
+
+    monkeypatch.setattr(directory, "_read", counting_read)
+    assert await directory.fetch_log(CN2, 1024) == []
+    assert reads == 1
+    for _ in range(5):  # an idle CN polling every 250 ms costs no store read
+        assert await directory.fetch_log(CN2, 1024) == []
+    assert reads == 1
+    # any write moves the epoch: the next poll reads the store and sees the new entry
+    await directory.create_vnic(network_uuid=net.uuid, cn_uuid=CN2)
+    entries = await directory.fetch_log(CN2, 1024)
+    assert [type(e) for e in entries] == [LogVL3Entry]
+    assert reads == 2
