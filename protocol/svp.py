@@ -442,7 +442,7 @@ class Ping:
     version: int = 1
 
     def encode(self) -> bytes:
-        return _seal(_F_EMPTY, self.version, 1, self.id)
+        return _seal(_F_EMPTY, self.version, self.OP, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,7 +452,7 @@ class Pong:
     version: int = 1
 
     def encode(self) -> bytes:
-        return _seal(_F_EMPTY, self.version, 2, self.id)
+        return _seal(_F_EMPTY, self.version, self.OP, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,7 +465,7 @@ class VL2Request:
 
     def encode(self) -> bytes:
         _need(self.mac, 6, "mac")
-        return _seal(_F_VL2_REQ, self.version, 3, self.id, self.mac, self.vnet_id)
+        return _seal(_F_VL2_REQ, self.version, self.OP, self.id, self.mac, self.vnet_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,7 +494,7 @@ class VL3Request:
 
     def encode(self) -> bytes:
         _need(self.ip, 16, "ip")
-        return _seal(_F_VL3_REQ, self.version, 5, self.id, self.ip, self.ip_type, self.vnet_id)
+        return _seal(_F_VL3_REQ, self.version, self.OP, self.id, self.ip, self.ip_type, self.vnet_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,7 +519,7 @@ class BulkRequest:
     version: int = 1
 
     def encode(self) -> bytes:
-        return _seal(_F_U32, self.version, 7, self.id, self.bulk_type)
+        return _seal(_F_U32, self.version, self.OP, self.id, self.bulk_type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,7 +540,7 @@ class BulkAck:
             body = _B_BULK_ACK.pack(self.status, self.bulk_type) + self.data
         except struct.error as exc:
             raise ValueError(f"cannot encode BULK_ACK: {exc}") from None
-        return encode_frame(self.version, 8, self.id, body)
+        return encode_frame(self.version, self.OP, self.id, body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,7 +555,7 @@ class LogRequest:
 
     def encode(self) -> bytes:
         _need(self.ip, 16, "ip")
-        return _seal(_F_LOG_REQ, self.version, 9, self.id, self.count, self.ip)
+        return _seal(_F_LOG_REQ, self.version, self.OP, self.id, self.count, self.ip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,7 +582,7 @@ class LogAck:
             status = _U32.pack(self.status)
         except struct.error as exc:
             raise ValueError(f"cannot encode LOG_ACK: {exc}") from None
-        return encode_frame(self.version, 10, self.id, status + b"".join(parts))
+        return encode_frame(self.version, self.OP, self.id, status + b"".join(parts))
 
     @property
     def body_size(self) -> int:
@@ -605,7 +605,7 @@ class LogRemove:
         for entry_id in self.ids:
             _need(entry_id, 16, "each log id")
         return encode_frame(
-            self.version, 11, self.id, _U32.pack(len(self.ids)) + b"".join(self.ids)
+            self.version, self.OP, self.id, _U32.pack(len(self.ids)) + b"".join(self.ids)
         )
 
 
@@ -617,7 +617,7 @@ class LogRemoveAck:
     version: int = 1
 
     def encode(self) -> bytes:
-        return _seal(_F_U32, self.version, 12, self.id, self.status)
+        return _seal(_F_U32, self.version, self.OP, self.id, self.status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -630,7 +630,7 @@ class Shootdown:
 
     def encode(self) -> bytes:
         _need(self.mac, 6, "mac")
-        return _seal(_F_SHOOTDOWN, self.version, 13, self.id, self.mac, self.vnet_id)
+        return _seal(_F_SHOOTDOWN, self.version, self.OP, self.id, self.mac, self.vnet_id)
 
 
 @dataclass(frozen=True, slots=True)
