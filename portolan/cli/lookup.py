@@ -181,22 +181,26 @@ def _print(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
     print(json.dumps(doc) if args.json else text)
 
 
+def _ask(args: argparse.Namespace, server: tuple[str, int], request: Any, ack: type) -> Any:
+    """Send one request and return its reply of type ``ack``, or the exit code on failure."""
+    try:
+        reply = exchange(server, request, timeout=args.timeout)
+    except LookupFailed as exc:
+        return _fail(str(exc))
+    if not isinstance(reply, ack):
+        return _fail(f"expected {ack.OP.name}, got {reply.OP.name}")
+    return reply
+
+
 def run_vl2(args: argparse.Namespace) -> int:
     try:
         mac = parse_mac(args.mac)
         server = _server(args)
     except ValueError as exc:
         return _fail(str(exc)) + 1
-    try:
-        reply = exchange(
-            server,
-            VL2Request(_request_id(), mac, args.vnet, args.svp_version),
-            timeout=args.timeout,
-        )
-    except LookupFailed as exc:
-        return _fail(str(exc))
-    if not isinstance(reply, VL2Ack):
-        return _fail(f"expected VL2_ACK, got {reply.OP.name}")
+    reply = _ask(args, server, VL2Request(_request_id(), mac, args.vnet, args.svp_version), VL2Ack)
+    if isinstance(reply, int):
+        return reply
     doc = {"mac": format_mac(mac), "vnet_id": args.vnet, "status": _status_name(reply.status)}
     if reply.status != Status.OK:
         if args.json:
@@ -218,16 +222,10 @@ def run_vl3(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc)) + 1
     ip_type = VL3Type.IP if ip16[:12] == V4_MAPPED_PREFIX else VL3Type.IPV6
-    try:
-        reply = exchange(
-            server,
-            VL3Request(_request_id(), ip16, ip_type, args.vnet, args.svp_version),
-            timeout=args.timeout,
-        )
-    except LookupFailed as exc:
-        return _fail(str(exc))
-    if not isinstance(reply, VL3Ack):
-        return _fail(f"expected VL3_ACK, got {reply.OP.name}")
+    request = VL3Request(_request_id(), ip16, ip_type, args.vnet, args.svp_version)
+    reply = _ask(args, server, request, VL3Ack)
+    if isinstance(reply, int):
+        return reply
     doc = {"ip": ip_text(ip16), "vnet_id": args.vnet, "status": _status_name(reply.status)}
     if reply.status != Status.OK:
         if args.json:
