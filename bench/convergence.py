@@ -8,8 +8,8 @@ What runs:
 - in this process, on one trio loop (the memory backend's way of simulating many compute
   nodes): N simulated compute nodes (1, 10, 100), one `varpd.daemon.Varpd` each, memory
   backend on one shared underlay, one overlay device on the vnet searched by the svp plugin with its default
-  settings (log polled every 0.25 s when idle), and one VNIC of the vnet each, so every node is
-  a shootdown recipient;
+  settings (since issue 17: the log is waited for with the LOG_WAIT extension; before, it was
+  polled every 0.25 s), and one VNIC of the vnet each, so every node is a shootdown recipient;
 - the moving VNIC M, which goes back and forth between two more CNs (hosts whose varpd is not
   simulated; only the recipients' side is measured).
 
@@ -28,32 +28,34 @@ to 5 s (the fast end of that range). With ``--quick`` it is computed instead: a 
 uniformly random point of a 5 s poll cycle, so p50 = 2.5 s and p99 = 4.95 s. The ratio column
 is our figure divided by the baseline's (smaller is better).
 
-    python -m bench.convergence [--quick] [--moves N] [--nodes 1 10 100]
+    python -m bench.convergence [--quick] [--moves N] [--nodes 1 10 100] [--scale-nodes 1000]
 
-``--quick``: 5 moves at 1 and 10 nodes, 4 at 100 nodes, computed baseline (15-25 s).
-Full: 30 moves at each size and the measured baseline (about 1.5 min).
+Then the scale run (`bench.convergence_scale`, issue 17): 1,000 nodes in two worker
+processes, move -> applied p50/p99, portolan's idle CPU with the nodes connected (and with
+10,000 more idle SVP connections), a portolan restart storm, and the same 1,000 nodes polling
+LOG_REQ every 0.25 s for comparison; its goals go to ``goals`` in the results (``*_met``).
+With ``--quick`` the scale run has 100 nodes in one worker and no extra connections, and the
+``*_met`` goals are null (not measured at 1,000). The measured baseline (full run) is a
+1-node v1-style client: no extension, LOG_REQ every 5 s.
+
+``--quick``: 5 moves at 1 and 10 nodes, 4 at 100 nodes, computed baseline, 100-node scale run (about 25 s).
+Full: 30 moves at each size, the measured baseline and the 1,000-node scale run (about 5 min).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
+from functools import partial
 from typing import Any
 
 import trio
 
-from bench.common import (
-    ServerProcess,
-    percentile,
-    print_table,
-    start_ready_process,
-    write_results,
-)
+from bench.common import percentile, print_table, write_results
 
 VNET_ID = 4242
 UL_PORT = 4789
@@ -77,29 +79,6 @@ def vnic_mac(i: int) -> str:
 
 def vnic_ip(i: int) -> str:
     return f"172.16.{i // 250}.{i % 250 + 1}"
-
-
-def _start_portolan(store: str) -> ServerProcess:
-    """``portolan serve`` on the store, every listener on loopback port 0."""
-    return start_ready_process(
-        [
-            sys.executable,
-            "-m",
-            "portolan.cli.main",
-            "serve",
-            "--store",
-            store,
-            "--svp-listen",
-            "127.0.0.1:0",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--reload-interval",
-            "0",
-        ],
-        timeout=60,
-    )
 
 
 def make_recording_driver(backend: Any) -> Any:
@@ -145,16 +124,18 @@ async def measure(
     """Run `moves` moves with `nodes` recipients; per-move convergence times in seconds."""
     import httpx
 
-    from portolan.service import Directory
-    from varpd.config import parse_config
-    from varpd.daemon import Varpd
+    from lab import (
+        ClusterSpec,
+        DeviceSpec,
+        PortolanSpec,
+        VarpdOptions,
+        numbered_nodes,
+        open_cluster,
+    )
     from varpd.plugins.svp.remote import SvpOptions
-    from varpd.shim.memory import MemoryUnderlay
     from varpd.shim.types import Point
 
     rng = random.Random(seed)
-    workdir = tempfile.mkdtemp(prefix="portolan-bench-conv-")
-    store = f"sqlite:{os.path.join(workdir, 'portolan.db')}"
     ghosts = [nodes, nodes + 1]  # the two CNs M moves between (no varpd simulated)
     mover = nodes  # M's index among the VNICs
     document = {
@@ -170,88 +151,61 @@ async def measure(
             for i in range(nodes + 1)
         ],
     }
-    t_setup = time.perf_counter()
-    directory = await Directory.open(store)
-    try:
-        await directory.load(document)
-    finally:
-        await directory.aclose()
+    # portolan as its own process (its CPU is not the simulated nodes'), preloaded; the
+    # nodes in this process on the memory backend, each driver a RecordingDriver
+    spec = ClusterSpec(
+        nodes=numbered_nodes(nodes, cn_uuid=cn_uuid, underlay_ip=cn_ip),
+        devices=(DeviceSpec(DEVICE, VNET_ID),),
+        portolan=PortolanSpec(placement="process", preload=document),
+        varpd=VarpdOptions(
+            lookup_workers=1,
+            metrics=False,
+            control_socket=False,
+            firewall=False,
+            log_interval=log_interval,
+        ),
+        prefix="conv",
+    )
     out: dict[str, Any] = {"nodes": nodes, "moves": moves}
-    server: ServerProcess | None = None
-    try:
-        server = await trio.to_thread.run_sync(_start_portolan, store)
-        async with trio.open_nursery() as nursery:
-            svp_port = server.address("svp")[1]
-            api_host, api_port = server.address("api")
-            underlay = MemoryUnderlay()
-            drivers = []
-            for i in range(nodes):
-                varpd_config = parse_config(
-                    {
-                        "cn_uuid": cn_uuid(i),
-                        "state_dir": os.path.join(workdir, f"cn{i}"),
-                        "control_socket": "",
-                        "metrics": "",
-                        "lookup_workers": 1,
-                    }
+    t_setup = time.perf_counter()
+    async with open_cluster(
+        spec, driver_factory=lambda node, backend: make_recording_driver(backend)
+    ) as cluster:
+        drivers = [node.driver for node in cluster.nodes.values()]
+        out["setup_s"] = time.perf_counter() - t_setup
+        interval = log_interval if log_interval is not None else SvpOptions().log_interval
+        await trio.sleep(2 * interval)  # every poller has connected and polled once
+        mac = bytes.fromhex(vnic_mac(mover).replace(":", ""))
+        updated_all: list[float] = []
+        invalidated_all: list[float] = []
+        api_times: list[float] = []
+        async with httpx.AsyncClient(base_url=cluster.api_url, timeout=30.0) as http:
+            for k in range(moves):
+                dest = ghosts[(k + 1) % 2]
+                target = Point.of(cn_ip(dest), UL_PORT)
+                done = trio.Event()
+                remaining = len(drivers)
+
+                def one_updated() -> None:
+                    nonlocal remaining
+                    remaining -= 1
+                    if remaining == 0:
+                        done.set()  # noqa: B023 - called before the next iteration
+
+                for driver in drivers:
+                    driver.arm(mac, target, one_updated)
+                t0 = time.perf_counter()
+                response = await http.put(
+                    f"/vnics/{vnic_mac(mover)}", json={"cn_uuid": cn_uuid(dest)}
                 )
-                driver = make_recording_driver(underlay.backend())
-                varpd = Varpd(varpd_config, driver=driver)
-                if log_interval is not None:
-                    varpd.shared["svp:options"] = SvpOptions(log_interval=log_interval)
-                await nursery.start(varpd.run)
-                props = {
-                    "vxlan/listen_ip": cn_ip(i),
-                    "vxlan/listen_port": UL_PORT,
-                    "svp/host": "127.0.0.1",
-                    "svp/port": svp_port,
-                    "svp/underlay_ip": cn_ip(i),
-                    "svp/underlay_port": UL_PORT,
-                }
-                await varpd.create(DEVICE, VNET_ID, "svp", props=props)
-                await varpd.activate(DEVICE)
-                drivers.append(driver)
-            out["setup_s"] = time.perf_counter() - t_setup
-            interval = log_interval if log_interval is not None else SvpOptions().log_interval
-            await trio.sleep(2 * interval)  # every poller has connected and polled once
-            mac = bytes.fromhex(vnic_mac(mover).replace(":", ""))
-            updated_all: list[float] = []
-            invalidated_all: list[float] = []
-            api_times: list[float] = []
-            async with httpx.AsyncClient(
-                base_url=f"http://{api_host}:{api_port}", timeout=30.0
-            ) as http:
-                for k in range(moves):
-                    dest = ghosts[(k + 1) % 2]
-                    target = Point.of(cn_ip(dest), UL_PORT)
-                    done = trio.Event()
-                    remaining = len(drivers)
-
-                    def one_updated() -> None:
-                        nonlocal remaining
-                        remaining -= 1
-                        if remaining == 0:
-                            done.set()  # noqa: B023 - called before the next iteration
-
-                    for driver in drivers:
-                        driver.arm(mac, target, one_updated)
-                    t0 = time.perf_counter()
-                    response = await http.put(
-                        f"/vnics/{vnic_mac(mover)}", json={"cn_uuid": cn_uuid(dest)}
-                    )
-                    api_times.append(time.perf_counter() - t0)
-                    if response.status_code != 200:
-                        raise RuntimeError(f"move refused: {response.status_code} {response.text}")
-                    with trio.fail_after(2 * interval + 10):
-                        await done.wait()
-                    updated_all.append(max(d.updated for d in drivers) - t0)
-                    invalidated_all.append(max(d.invalidated for d in drivers) - t0)
-                    await trio.sleep(rng.uniform(0, interval))
-            nursery.cancel_scope.cancel()
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+                api_times.append(time.perf_counter() - t0)
+                if response.status_code != 200:
+                    raise RuntimeError(f"move refused: {response.status_code} {response.text}")
+                with trio.fail_after(2 * interval + 10):
+                    await done.wait()
+                updated_all.append(max(d.updated for d in drivers) - t0)
+                invalidated_all.append(max(d.invalidated for d in drivers) - t0)
+                await trio.sleep(rng.uniform(0, interval))
     out.update(
         {
             "log_interval_s": log_interval if log_interval is not None else 0.25,
@@ -292,8 +246,23 @@ def run(quick: bool = False, args: argparse.Namespace | None = None) -> dict[str
     if quick:
         baseline = computed_baseline()
     else:
-        measured = trio.run(measure, 1, args.baseline_moves, BASELINE_INTERVAL)
-        baseline = {"kind": "measured", **measured}
+        # a v1-style client: no extension, LOG_REQ every 5 s (lab's nodes take the svp
+        # plugin's defaults, which now wait with LOG_WAIT)
+        from bench.convergence_scale import measure_scale
+
+        measured = trio.run(
+            partial(
+                measure_scale,
+                1,
+                args.baseline_moves,
+                workers=1,
+                log_wait=False,
+                log_interval=BASELINE_INTERVAL,
+                idle_s=0,
+                restart=False,
+            )
+        )
+        baseline = {"kind": "measured", "log_interval_s": BASELINE_INTERVAL, **measured}
     results["baseline"] = baseline
     summary = []
     for n in sizes:
@@ -315,6 +284,13 @@ def run(quick: bool = False, args: argparse.Namespace | None = None) -> dict[str
     results["summary"] = summary
     results["goal_met"] = all(results["sizes"][str(n)]["p99_s"] <= GOAL_S for n in sizes)
     _print(results, sizes)
+    if not args.no_scale:
+        results["scale"] = scale = run_scale(quick, args)
+        results["goals"] = scale_goals(scale, quick)
+        results["goal_met"] = results["goal_met"] and all(
+            v is not False for k, v in results["goals"].items() if k.endswith("_met")
+        )
+        _print_scale(scale, results["goals"])
     path = write_results("convergence", results)
     print(f"\nresults written to {os.path.relpath(path)}")
     return results
@@ -327,7 +303,7 @@ def _print(results: dict[str, Any], sizes: list[int]) -> None:
         s = results["sizes"][str(n)]
         rows.append(
             [
-                f"{n} node(s), poll 0.25 s",
+                f"{n} node(s), LOG_WAIT",
                 s["moves"],
                 f"{s['setup_s']:.1f}",
                 f"{s['invalidated_p50_s'] * 1000:.0f}",
@@ -386,6 +362,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--baseline-moves", type=int, default=5, help="moves of the measured baseline (full run)"
     )
+    p.add_argument(
+        "--scale-nodes",
+        type=int,
+        default=None,
+        help="nodes of the scale run (bench.convergence_scale; default 1000, quick 100)",
+    )
+    p.add_argument(
+        "--extra-conns",
+        type=int,
+        default=None,
+        help="idle SVP connections added in the scale run (default 10000, quick 0)",
+    )
+    p.add_argument("--no-scale", action="store_true", help="skip the scale run")
     return p.parse_args(argv)
 
 
@@ -393,6 +382,102 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args.quick, args)
     return 0 if results["goal_met"] else 1
+
+
+# ------------------------------------------------------------------------------------------
+# Scale (issue 17): 1,000 nodes in worker processes, idle CPU, restart storm
+
+
+IDLE_CPU_GOAL = 0.05  # of one core, 1,000 connected nodes, nothing changing
+RESTART_GOAL_S = 10.0  # portolan restarted -> every node reconnected and drained
+
+
+def run_scale(quick: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """`bench.convergence_scale.measure_scale` with the extension (the default) and, in a
+    full run, the same nodes polling LOG_REQ every 0.25 s (the client before issue 17)."""
+    from bench.convergence_scale import measure_scale
+
+    nodes = args.scale_nodes or (100 if quick else 1000)
+    extra = args.extra_conns if args.extra_conns is not None else (0 if quick else 10000)
+    out: dict[str, Any] = {}
+    out["log_wait"] = trio.run(
+        partial(
+            measure_scale,
+            nodes,
+            2 if quick else 20,
+            workers=1 if quick else 2,
+            idle_s=3.0 if quick else 30.0,
+            extra_conns=extra,
+        )
+    )
+    if not quick:
+        out["polling"] = trio.run(
+            partial(measure_scale, nodes, 3, log_wait=False, idle_s=10.0, restart=False)
+        )
+    return out
+
+
+def scale_goals(scale: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """The issue-17 goals; ``*_met`` is None when the run was not at 1,000 nodes."""
+    s = scale["log_wait"]
+    at_1000 = s["nodes"] >= 1000
+    restart = s.get("restart", {})
+    restart_ok = (
+        restart.get("drained_s", math.inf) < RESTART_GOAL_S
+        and restart.get("reconnected_all", False)
+        and restart.get("query_timeouts", 1) == 0
+        and restart.get("connect_timeouts", 1) == 0
+    )
+    return {
+        "nodes": s["nodes"],
+        "p99_s": s["p99_s"],
+        "p99_goal_s": GOAL_S,
+        "p99_1000_met": (s["p99_s"] < GOAL_S) if at_1000 else None,
+        "idle_cpu": s["idle_cpu"],
+        "idle_cpu_goal": IDLE_CPU_GOAL,
+        "idle_cpu_1000_met": (s["idle_cpu"] < IDLE_CPU_GOAL) if at_1000 else None,
+        "restart_drained_s": restart.get("drained_s"),
+        "restart_goal_s": RESTART_GOAL_S,
+        "restart_1000_met": restart_ok if at_1000 else None,
+    }
+
+
+def _print_scale(scale: dict[str, Any], goals: dict[str, Any]) -> None:
+    rows = []
+    for s in scale.values():
+        r = s.get("restart", {})
+        rows.append(
+            [
+                f"{s['nodes']} nodes, {'LOG_WAIT' if s['log_wait'] else 'poll 0.25 s'}",
+                s["moves"],
+                f"{s['p50_s'] * 1000:.0f}",
+                f"{s['p99_s'] * 1000:.0f}",
+                f"{s['idle_cpu'] * 100:.2f}",
+                f"{s['extra_idle_cpu'] * 100:.2f} ({s['extra_conns']})"
+                if "extra_conns" in s
+                else "-",
+                f"{r['drained_s']:.1f}" if r else "-",
+                f"{r['query_timeouts']}/{r['connect_timeouts']}" if r else "-",
+            ]
+        )
+    print("\nScale: move -> applied on every node, portolan idle CPU, restart storm")
+    print_table(
+        [
+            "case",
+            "moves",
+            "p50 ms",
+            "p99 ms",
+            "idle CPU %",
+            "+idle conns CPU %",
+            "restart->drained s",
+            "timeouts q/c",
+        ],
+        rows,
+    )
+    print(
+        "goals: p99 < 1 s at 1,000: {p99_1000_met}; idle CPU < 5% at 1,000: "
+        "{idle_cpu_1000_met}; restart drained < 10 s at 1,000: {restart_1000_met}".format(**goals)
+    )
 
 
 if __name__ == "__main__":

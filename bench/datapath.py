@@ -16,8 +16,8 @@ What is measured
 - **memory backend**: the same driver code on ``MemoryUnderlay`` with a ``MemoryVnicPort``:
   encap = guest ``send_nowait`` -> datagram handed to the underlay; decap = ``underlay.deliver``
   -> frame queued on the guest port. No I/O at all: the shim's CPU cost per frame.
-- **miss latency**: an in-process portolan (``Directory`` on SQLite + ``SvpServer`` on
-  127.0.0.1) and a ``Varpd`` with the svp plugin on the memory backend. Each sample sends one
+- **miss latency**: a one-node lab cluster (`lab.open_cluster`): portolan in this process
+  (SQLite, SVP server on 127.0.0.1) and a ``Varpd`` with the svp plugin on the memory backend. Each sample sends one
   frame to a MAC never seen before and times until the encapsulated datagram leaves (the
   underlay's tap sees it): miss queue -> lookup worker -> SVP VL2 request over TCP -> answer
   -> respond -> queued frame sent. p50/p99.
@@ -45,7 +45,6 @@ import os
 import socket
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -348,81 +347,57 @@ async def _memory_rates(duration: float) -> tuple[Rate, Rate]:
 
 
 async def _miss_latency(samples: int) -> dict[str, float]:
-    from portolan.metrics import PortolanMetrics
-    from portolan.service import Directory
-    from portolan.svp_server import SvpServer
-    from varpd.config import parse_config
-    from varpd.daemon import Varpd
-    from varpd.shim import MemoryUnderlay
+    from lab import ClusterSpec, DeviceSpec, NodeSpec, VarpdOptions, open_cluster
+    from lab.spec import PortolanSpec
 
-    owner = "930896af-bf8c-48d4-885c-6573a94b1853"
     cn_a, cn_b = "00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"
-    with tempfile.TemporaryDirectory(prefix="bench-datapath-") as tmp:
-        directory = await Directory.open(f"sqlite:{tmp}/portolan.db")
-        try:
-            await directory.put_cn(cn_a, "10.0.0.1", 4789)
-            await directory.put_cn(cn_b, "10.0.0.2", 4789)
-            net = await directory.create_network(
-                name="bench", owner_uuid=owner, vnet_id=VNET, vlan_id=0, subnet="10.200.0.0/16"
-            )
-            macs = [(0x020000200000 + i).to_bytes(6, "big") for i in range(samples)]
-            for mac in macs:
-                await directory.create_vnic(network_uuid=net.uuid, cn_uuid=cn_b, mac=mac)
-            await directory.create_vnic(network_uuid=net.uuid, cn_uuid=cn_a, mac=MAC_GUEST)
-            async with trio.open_nursery() as nursery:
-                _, svp_port = await nursery.start(
-                    SvpServer(directory, metrics=PortolanMetrics()).serve, "127.0.0.1", 0
-                )
-                underlay = MemoryUnderlay()
-                config = parse_config(
-                    {
-                        "state_dir": f"{tmp}/varpd",
-                        "control_socket": "",
-                        "metrics": "",
-                        "lookup_workers": 3,
-                    }
-                )
-                varpd = Varpd(config, underlay=underlay)
-                await nursery.start(varpd.run)
-                props = {
-                    "vxlan/listen_ip": "10.0.0.1",
-                    "svp/host": "127.0.0.1",
-                    "svp/port": svp_port,
-                    "svp/underlay_ip": "10.0.0.1",
-                }
-                await varpd.create(
-                    "o0", VNET, "svp", props=props, vnics=[{"mac": MAC_GUEST.hex(":")}]
-                )
-                await varpd.activate("o0")
-                port = varpd.vnic("o0", MAC_GUEST).port
-                with trio.fail_after(20):  # let the log of the VNICs' creation drain first
-                    while await directory.pending_log(cn_a):
-                        await trio.sleep(0.05)
-                seen: dict[bytes, float] = {}
-                arrived = trio.Event()
+    macs = [(0x020000200000 + i).to_bytes(6, "big") for i in range(samples)]
 
-                def tap(datagram: Any) -> None:
-                    dst_mac = datagram.payload[8:14]
-                    if dst_mac not in seen:
-                        seen[dst_mac] = time.perf_counter()
-                        arrived.set()
+    def vnic(i: int, mac: bytes, cn: str) -> dict[str, Any]:
+        return {"mac": mac.hex(":"), "ip": f"10.200.{i // 250}.{i % 250 + 1}",
+                "vnet_id": VNET, "vlan": 0, "cn_uuid": cn}  # fmt: skip
 
-                underlay.tap(tap)
-                times = []
-                for mac in macs:
-                    frame = guest_frames(MAC_GUEST, mac, flows=1)[0]
+    # portolan in this process, loaded (no log rows: nothing to drain before measuring); one
+    # node, cn-a, on the memory backend; the peers' CN (cn-b) has no varpd
+    document = {
+        "cns": [
+            {"uuid": cn_a, "ip": "10.0.0.1", "port": 4789},
+            {"uuid": cn_b, "ip": "10.0.0.2", "port": 4789},
+        ],  # fmt: skip
+        "vnics": [vnic(i, mac, cn_b) for i, mac in enumerate(macs)]
+        + [vnic(samples, MAC_GUEST, cn_a)],
+    }
+    spec = ClusterSpec(
+        nodes=(NodeSpec("cn-a", cn_a, "10.0.0.1"),),
+        devices=(DeviceSpec("o0", VNET),),
+        portolan=PortolanSpec(preload=document),
+        varpd=VarpdOptions(metrics=False, control_socket=False, firewall=False),
+    )
+    async with open_cluster(spec) as cluster:
+        await cluster.vnic_add("cn-a", MAC_GUEST.hex(":"))
+        port = cluster.node("cn-a").varpd.vnic("o0", MAC_GUEST).port
+        seen: dict[bytes, float] = {}
+        arrived = trio.Event()
+
+        def tap(datagram: Any) -> None:
+            dst_mac = datagram.payload[8:14]
+            if dst_mac not in seen:
+                seen[dst_mac] = time.perf_counter()
+                arrived.set()
+
+        cluster.underlay.tap(tap)
+        times = []
+        for mac in macs:
+            frame = guest_frames(MAC_GUEST, mac, flows=1)[0]
+            arrived = trio.Event()
+            t0 = time.perf_counter()
+            port.send_nowait(frame)
+            with trio.fail_after(5):
+                while mac not in seen:
+                    await arrived.wait()
                     arrived = trio.Event()
-                    t0 = time.perf_counter()
-                    port.send_nowait(frame)
-                    with trio.fail_after(5):
-                        while mac not in seen:
-                            await arrived.wait()
-                            arrived = trio.Event()
-                    times.append((seen[mac] - t0) * 1000)
-                    port.received()
-                nursery.cancel_scope.cancel()
-        finally:
-            await directory.aclose()
+            times.append((seen[mac] - t0) * 1000)
+            port.received()
     warm = times[min(10, len(times) // 10) :]  # the first few open the SVP connection
     return {
         "samples": len(warm),

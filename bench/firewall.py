@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import random
 import time
 from collections.abc import Callable
@@ -227,7 +228,7 @@ class _Setup:
         self.apply_ms = (time.perf_counter() - t0) * 1000
         fw = table.get(BENCH_MAC)
         assert fw is not None
-        self.compiled = fw._rules
+        self.compiled = fw.compiled
         self.max_flows = n_frames + 10
         self.best = {"new_pps": 0.0, "mixed_pps": 0.0, "shim_pps": 0.0}
         self.verdicts: dict[str, int] = {}
@@ -336,7 +337,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     )
     results["quick"] = quick
     path = write_results("firewall", results)
-    print(f"results: {path}")
+    print(f"\nresults written to {os.path.relpath(path)}")
     return results
 
 

@@ -21,9 +21,17 @@ moves a VNIC to another compute node through instance A's API, then asks instanc
 Reported: p50/p99 of the delay from A's API response (the commit) to B's first new answer,
 and from the start of the request; the goal is 100 ms.
 
+varpd restore (``varpd_restore``, a separate measurement of the compute-node store: varpd's
+state folder): a state folder with N instance files (direct plugin, one VNIC each) is restored
+by an in-process `Varpd` (memory backend) and the time until it is ready is taken, for N =
+100 and 1,400 (best of 3). Reported: seconds to ready, milliseconds per instance, and the ratio
+of the per-instance cost at 1,400 to that at 100; the goal is a ratio of at most 1.5 (restore
+is linear in the instance count: it was quadratic, 7.7 s for 1,400 instances).
+
 Results go to bench/results/store.json.
 
     python -m bench.store [--quick] [--writers 4] [--creates 2000] [--duration 3]
+    python -m bench.store --restore-only
 """
 
 from __future__ import annotations
@@ -289,6 +297,87 @@ def bench_backend(
         server.stop()
 
 
+RESTORE_COUNTS = (100, 1400)
+RESTORE_GOAL_RATIO = 1.5
+
+
+def _write_state(folder: str, count: int) -> None:
+    """``count`` instance files, written directly (no fsync: setup, not what is measured)."""
+    from varpd.persist import InstanceRecord, StateDir, encode_record
+
+    state = StateDir(folder)
+    state.ensure()
+    for i in range(1, count + 1):
+        rec = InstanceRecord(
+            id=i,
+            name=f"ovl{i}",
+            vnetid=i,
+            mtu=1400,
+            plugin="direct",
+            mode=1,  # TargetMode.POINT
+            props={"direct/dest_ip": "10.0.0.2", "direct/dest_port": 4789},
+            device_props={"vxlan/listen_ip": "10.0.0.1", "vxlan/listen_port": 4789},
+            vnics=[{"mac": f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}", "vlan_id": 0, "tap": None}],
+        )
+        state.file_for(rec.name).write_bytes(encode_record(rec))
+
+
+def _time_restore(folder: str, expected: int) -> float:
+    import trio
+
+    from varpd.config import parse_config
+    from varpd.daemon import Varpd
+
+    async def once() -> float:
+        config = parse_config(
+            {"state_dir": folder, "control_socket": "", "metrics": "", "lookup_workers": 1}
+        )
+        varpd = Varpd(config)
+        async with trio.open_nursery() as nursery:
+            t0 = time.perf_counter()
+            await nursery.start(varpd.run)
+            elapsed = time.perf_counter() - t0
+            nursery.cancel_scope.cancel()
+        if len(varpd.restored) != expected:
+            raise RuntimeError(f"restored {len(varpd.restored)} of {expected} instances")
+        return elapsed
+
+    return trio.run(once)
+
+
+def measure_varpd_restore(
+    counts: tuple[int, ...] = RESTORE_COUNTS, repeat: int = 3
+) -> dict[str, Any]:
+    """Seconds from `Varpd.run` to ready with N instances to restore, per N (best of repeat)."""
+    rows = []
+    for count in counts:
+        with tempfile.TemporaryDirectory(prefix="varpd-bench-restore-") as tmp:
+            _write_state(tmp, count)
+            best = min(_time_restore(tmp, count) for _ in range(repeat))
+        rows.append({"instances": count, "ready_s": best, "ms_per_instance": best / count * 1e3})
+    first, last = rows[0], rows[-1]
+    ratio = last["ms_per_instance"] / first["ms_per_instance"]
+    return {
+        "runs": rows,
+        "per_instance_ratio": ratio,
+        "ratio_of": f"{last['instances']} / {first['instances']} instances",
+        "goal_ratio": RESTORE_GOAL_RATIO,
+        "goal_met": ratio <= RESTORE_GOAL_RATIO,
+    }
+
+
+def _print_restore(r: dict[str, Any]) -> None:
+    print("\nvarpd restore (state folder -> ready, memory backend, best of 3):")
+    print_table(
+        ["instances", "ready s", "ms / instance"],
+        [[x["instances"], x["ready_s"], x["ms_per_instance"]] for x in r["runs"]],
+    )
+    print(
+        f"per-instance cost ratio {r['ratio_of']}: {r['per_instance_ratio']:.2f} "
+        f"(goal <= {r['goal_ratio']:g}: {'met' if r['goal_met'] else 'NOT met'})"
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.store", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a short run (< 40 s)")
@@ -299,6 +388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=64, help="SVP requests in flight per connection")
     p.add_argument("--samples", type=int, default=None, help="coherence samples")
     p.add_argument("--repeat", type=int, default=2, help="lookup runs per backend (best kept)")
+    p.add_argument("--restore-only", action="store_true", help="only the varpd_restore measurement")
     args = p.parse_args(argv)
     if args.creates is None:
         args.creates = 200 if args.quick else 2000
@@ -313,6 +403,10 @@ def run(quick: bool, args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Run the benchmark; return (and write) the results document."""
     if args is None:
         args = parse_args(["--quick"] if quick else [])
+    if getattr(args, "restore_only", False):
+        restore = measure_varpd_restore()
+        _print_restore(restore)
+        return {"varpd_restore": restore}
     results: dict[str, Any] = {
         "quick": quick,
         "writers": args.writers,
@@ -354,7 +448,9 @@ def run(quick: bool, args: argparse.Namespace | None = None) -> dict[str, Any]:
             "lookups_not_slower_on_pg": results["ratios"]["lookups_pg_over_sqlite"] >= 0.9,
             "coherence_p99_within_100ms": pg["coherence"]["goal_met"],
         }
+    results["varpd_restore"] = measure_varpd_restore()
     _print(results)
+    _print_restore(results["varpd_restore"])
     path = write_results("store", results)
     print(f"\nresults written to {os.path.relpath(path)}")
     return results

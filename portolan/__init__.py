@@ -27,7 +27,8 @@ The path data takes
         LOG_REQ/LOG_RM -> Directory.fetch_log / remove_log -> store (worker thread)
 
 ``portolan serve`` (cli/serve.py) runs it all in one trio run: the SVP server, the API
-(hypercorn on trio), the ``/metrics`` responder (metrics.py) and one task that keeps the index
+(hypercorn on trio), ``/metrics`` (metrics.py's registry, served by the shared `httpmetrics`
+responder) and one task that keeps the index
 in step with writes made by other processes:
 
 - SQLite: `follow_store` reloads the whole index when another process (``portolan load`` on
@@ -67,5 +68,6 @@ Where to change what
 Wire format: ``protocol/svp.py``. Lookup answers: ``index.py``. Business rules and shootdown
 recipients: ``service.py``. SVP connection handling, the bulk format, FATAL policy:
 ``svp_server.py``. Cross-instance coherence (PostgreSQL): ``coherence.py``. Counters:
-``metrics.py``. Commands: ``cli/``.
+``metrics.py``. Commands: ``cli/`` (``portolan demo`` execs ``python -m lab demo``: the
+demo assembles portolan and varpd, so it lives in ``lab/``; portolan never imports varpd or lab).
 """

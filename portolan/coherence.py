@@ -3,7 +3,7 @@ portolan instances commit to the same PostgreSQL database.
 
 Theory of operation
 -------------------
-Each instance applies its own writes to its index right after commit (``Directory._write``).
+Each instance applies its own writes to its index right after commit (``Directory.write``).
 What others write reaches it through the changes feed (``portolan.store.notify``): a
 ``changes(version, payload)`` row per committed change plus ``NOTIFY portolan_changes``.
 
@@ -269,9 +269,7 @@ class Coherence:
         """Another instance changed the store: the Directory's subscribers (the firewall policy
         service) hear ``None``, "anything may have changed" (the feed carries keys, not the
         previous states an incremental update would need). Runs under the write lock."""
-        notify = getattr(self.directory, "_notify", None)
-        if callable(notify):
-            notify(None)
+        self.directory.notify_subscribers(None)
 
     async def _run_hooks(self, change: IndexChange | None) -> None:
         for hook in list(self.hooks):

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one portolan, and the small trio HTTP responder that serves them.
+"""Prometheus metrics of one portolan (served over HTTP by the shared `httpmetrics`).
 
 Every server object owns one `PortolanMetrics`, which owns its own `CollectorRegistry`, so
 several portolans can live in one process (tests, the demo).
@@ -27,8 +27,9 @@ Series (all names prefixed ``portolan_``):
 Other parts of portolan (the API: requests, store errors) add their collectors with
 `PortolanMetrics.register` or by creating them with ``registry=metrics.registry``.
 
-The HTTP side answers ``GET /metrics`` (and ``HEAD``; anything else is 404) on a trio TCP
-listener: no threads, one short-lived task per scrape, 10 s to send the request head.
+The HTTP side is the responder varpd uses too, `httpmetrics.serve_metrics` (re-exported
+here): ``GET``/``HEAD /metrics`` on a trio TCP listener, anything else 404; no threads, one
+short-lived task per scrape, 10 s to send the request head.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-import trio
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from httpmetrics import serve_metrics
 
 log = logging.getLogger("portolan.metrics")
 
@@ -146,55 +148,10 @@ def register_collectors(metrics: PortolanMetrics, collectors: Iterable[Collector
         metrics.register(collector)
 
 
-async def _answer_scrape(stream: trio.abc.Stream, metrics: PortolanMetrics) -> None:
-    try:
-        head = b""
-        with trio.move_on_after(10):
-            while b"\r\n\r\n" not in head and len(head) < 16384:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                head += chunk
-        words = head.split(b"\r\n", 1)[0].decode("latin-1", "replace").split()
-        method = words[0] if words else ""
-        path = words[1].split("?", 1)[0] if len(words) >= 2 else ""
-        if method in ("GET", "HEAD") and path in ("/metrics", "/metrics/"):
-            status, ctype, body = b"200 OK", CONTENT_TYPE_LATEST.encode(), metrics.render()
-        else:
-            status = b"404 Not Found"
-            ctype = b"text/plain; charset=utf-8"
-            body = b"not found; metrics are at /metrics\n"
-        reply = (
-            b"HTTP/1.1 "
-            + status
-            + b"\r\nContent-Type: "
-            + ctype
-            + b"\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\nConnection: close\r\n\r\n"
-        )
-        if method != "HEAD":
-            reply += body
-        await stream.send_all(reply)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        log.debug("metrics scrape connection ended early: %s", exc)
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-async def serve_metrics(
-    metrics: PortolanMetrics,
-    host: str,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``/metrics`` on host:port until cancelled; `started` with the bound (host, port)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    sockname = listeners[0].socket.getsockname()
-    task_status.started((sockname[0], sockname[1]))
-
-    async def handler(stream: trio.abc.Stream) -> None:
-        await _answer_scrape(stream, metrics)
-
-    await trio.serve_listeners(handler, listeners)
+__all__ = [
+    "LATENCY_SAMPLE_EVERY",
+    "OPS",
+    "PortolanMetrics",
+    "register_collectors",
+    "serve_metrics",
+]

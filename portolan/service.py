@@ -58,8 +58,8 @@ Lifecycle
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
+import math
 import secrets
 import uuid as uuidlib
 from collections.abc import Callable, Iterable
@@ -83,6 +83,7 @@ from .errors import (
     InUse,
     InvalidParameters,
     NotFound,
+    PortolanError,
     SubnetFull,
 )
 from .index import IndexChange, LookupIndex
@@ -111,6 +112,10 @@ VNIC_UPDATABLE = frozenset(
     {"cn_uuid", "ip", "tags", "firewall_enabled", "belongs_to_uuid", "owner_uuid"}
 )
 _MISSING: Any = object()
+#: bounds on a VNIC's tags: how many, name length, string value length (characters)
+MAX_TAGS = 100
+MAX_TAG_KEY = 128
+MAX_TAG_VALUE = 1024
 
 
 class _NoChange(Exception):
@@ -119,6 +124,10 @@ class _NoChange(Exception):
     def __init__(self, result: Any) -> None:
         super().__init__("no change")
         self.result = result
+
+
+#: public name for writers outside this module (`Directory.write` callers, e.g. the rules)
+NoChange = _NoChange
 
 
 # -- validation helpers (append to ``errs``; return the normalised value or None) -------------
@@ -225,6 +234,9 @@ def _v_str(errs: list[FieldError], field: str, value: Any, required: bool = True
     if not isinstance(value, str) or not value.strip():
         errs.append(FieldError(field, INVALID, f"{field} must be a non-empty string"))
         return None
+    if _has_surrogate(value):
+        errs.append(FieldError(field, INVALID, f"{field} holds a lone UTF-16 surrogate"))
+        return None
     return value
 
 
@@ -235,16 +247,56 @@ def _v_bool(errs: list[FieldError], field: str, value: Any) -> bool | None:
     return value
 
 
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and any("\ud800" <= c <= "\udfff" for c in text)
+
+
+def _tag_value_problem(value: Any) -> str | None:
+    """Why a tag value cannot be stored and answered as JSON, or None (nested values are
+    looked at iteratively)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return "NaN and Infinity are not JSON numbers"
+        if isinstance(item, str) and _has_surrogate(item):
+            return "a string holds a lone UTF-16 surrogate"
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) and not _has_surrogate(k) for k in item):
+                return "object keys must be strings without lone surrogates"
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif not isinstance(item, str | int | float | bool) and item is not None:
+            return f"{type(item).__name__} is not a JSON value"
+    return None
+
+
 def _v_tags(errs: list[FieldError], field: str, value: Any) -> dict[str, Any] | None:
+    """Tags: an object of at most MAX_TAGS entries, keys 1..MAX_TAG_KEY characters, string
+    values at most MAX_TAG_VALUE characters, every value storable and answerable as JSON."""
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         errs.append(FieldError(field, INVALID, "tags must be an object with string keys"))
         return None
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        errs.append(FieldError(field, INVALID, "tags must be JSON values"))
+    problems: list[str] = []
+    if len(value) > MAX_TAGS:
+        problems.append(f"at most {MAX_TAGS} tags")
+    for k, v in value.items():
+        if not k or len(k) > MAX_TAG_KEY:
+            problems.append(f"tag names are 1 to {MAX_TAG_KEY} characters")
+        elif _has_surrogate(k):
+            problems.append("a tag name holds a lone UTF-16 surrogate")
+        if isinstance(v, str) and len(v) > MAX_TAG_VALUE:
+            problems.append(f"tag {k[:40]!r}: values are at most {MAX_TAG_VALUE} characters")
+        problem = _tag_value_problem(v)
+        if problem is not None:
+            problems.append(f"tag {k[:40]!r}: {problem}")
+        if problems:
+            break
+    if problems:
+        errs.append(FieldError(field, INVALID, problems[0]))
         return None
     return dict(value)
 
@@ -295,6 +347,90 @@ def _vl3_rec(cn: str, v: Vnic, ip: str, version: int) -> LogRecord:
         vlan=v.vlan_id,
         version=version,
     )
+
+
+def _ip_errors(net: Network, ip: str) -> list[FieldError]:
+    """An explicit VNIC IP must be a host of the network's subnet and not its gateway."""
+    addr = ipaddress.ip_address(ip)
+    subnet = ipaddress.ip_network(net.subnet)
+    if not allocation.is_assignable(subnet, addr):
+        return [FieldError("ip", INVALID, f"ip {ip} is not a host of {subnet}")]
+    if net.gateway is not None and addr == ipaddress.ip_address(net.gateway):
+        return [FieldError("ip", INVALID, f"ip {ip} is the gateway of network {net.uuid}")]
+    return []
+
+
+def _vnic_create_syntax(**fields: Any) -> tuple[list[FieldError], dict[str, Any]]:
+    """The checks of a new VNIC's fields that need no stored state: (errors, normalised
+    values; None where a field is absent or bad)."""
+    errs: list[FieldError] = []
+    get = fields.get
+    values = {
+        "network_uuid": _v_uuid(errs, "network_uuid", get("network_uuid")),
+        "cn_uuid": _v_uuid(errs, "cn_uuid", get("cn_uuid")),
+        "mac": _v_mac(errs, "mac", get("mac"), required=False),
+        "ip": _v_ip(errs, "ip", get("ip"), required=False),
+        "belongs_to_uuid": _v_uuid(errs, "belongs_to_uuid", get("belongs_to_uuid"), False),
+        "owner_uuid": _v_uuid(errs, "owner_uuid", get("owner_uuid"), required=False),
+        "tags": _v_tags(errs, "tags", get("tags")),
+        "firewall_enabled": _v_bool(errs, "firewall_enabled", get("firewall_enabled", False)),
+    }
+    return errs, values
+
+
+def _vnic_create_state(tx: Tx, values: dict[str, Any]) -> tuple[list[FieldError], Network | None]:
+    """The checks of a new VNIC's (valid) fields against the store: (errors, its network)."""
+    errs: list[FieldError] = []
+    net_uuid, cn_uuid, ip = values["network_uuid"], values["cn_uuid"], values["ip"]
+    net = tx.get_network(net_uuid) if net_uuid is not None else None
+    if net_uuid is not None and net is None:
+        errs.append(FieldError("network_uuid", INVALID, f"network {net_uuid} does not exist"))
+    if cn_uuid is not None and tx.get_cn(cn_uuid) is None:
+        errs.append(FieldError("cn_uuid", INVALID, f"CN {cn_uuid} does not exist"))
+    if ip is not None and net is not None:
+        errs.extend(_ip_errors(net, ip))
+    return errs, net
+
+
+def _vnic_update_syntax(changes: dict[str, Any]) -> tuple[list[FieldError], dict[str, Any]]:
+    """The checks of a VNIC update that need no stored state: (errors, normalised changes;
+    a bad field maps to None)."""
+    errs: list[FieldError] = []
+    for k in sorted(set(changes) - VNIC_UPDATABLE):
+        errs.append(FieldError(k, INVALID, f"{k} cannot be changed"))
+    new: dict[str, Any] = {}
+    if "cn_uuid" in changes:
+        new["cn_uuid"] = _v_uuid(errs, "cn_uuid", changes["cn_uuid"])
+    if "ip" in changes:
+        new["ip"] = _v_ip(errs, "ip", changes["ip"])
+    if "tags" in changes:
+        new["tags"] = _v_tags(errs, "tags", changes["tags"])
+    if "firewall_enabled" in changes:
+        new["firewall_enabled"] = _v_bool(errs, "firewall_enabled", changes["firewall_enabled"])
+    for k in ("belongs_to_uuid", "owner_uuid"):
+        if k in changes:
+            new[k] = _v_uuid(errs, k, changes[k], required=False)
+    return errs, new
+
+
+def _vnic_update_state(
+    tx: Tx, key: bytes, new: dict[str, Any]
+) -> tuple[list[FieldError], Vnic | None]:
+    """The checks of a VNIC update's (valid) fields against the store: (errors, the VNIC as
+    stored, None when there is none)."""
+    errs: list[FieldError] = []
+    old = tx.get_vnic(key)
+    if old is None:
+        return errs, None
+    cn = new.get("cn_uuid")
+    if cn is not None and cn != old.cn_uuid and tx.get_cn(cn) is None:
+        errs.append(FieldError("cn_uuid", INVALID, f"CN {cn} does not exist"))
+    ip = new.get("ip")
+    if ip is not None and ip != old.ip and old.network_uuid:
+        net = tx.get_network(old.network_uuid)
+        if net is not None:
+            errs.extend(_ip_errors(net, ip))
+    return errs, old
 
 
 class Directory:
@@ -376,6 +512,56 @@ class Directory:
             self._log_epoch += 1
             apply(result)
             return result
+
+    async def _state_errors(self, check: Callable[[Tx], list[FieldError]]) -> list[FieldError]:
+        """Run a read-only field check against the store for a request already known to be
+        invalid, so its answer names every bad field; a store that cannot answer adds none."""
+        try:
+            return await self._read(check)
+        except PortolanError:
+            return []
+
+    async def vnic_field_errors(
+        self, mac: bytes | str | None = None, /, **fields: Any
+    ) -> list[FieldError]:
+        """Every field error ``create_vnic(**fields)`` (``mac`` None) or
+        ``update_vnic(mac, **fields)`` would report, syntax and stored state alike, writing
+        nothing. The API adds these to the errors of its own request validation so that one
+        422 names every bad field."""
+        if mac is None:
+            errs, values = _vnic_create_syntax(**fields)
+            return errs + await self._state_errors(lambda tx: _vnic_create_state(tx, values)[0])
+        try:
+            key = _mac_key(mac)
+        except InvalidParameters as exc:
+            return list(exc.errors)
+        errs, new = _vnic_update_syntax(fields)
+        return errs + await self._state_errors(lambda tx: _vnic_update_state(tx, key, new)[0])
+
+    # -- for the other parts of portolan (coherence, firewall policy service, rules) ----------
+    async def read(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn(tx)`` in a read-only store transaction (in a worker thread); its result."""
+        return await self._read(fn)
+
+    async def write(
+        self, fn: Callable[[Tx, int], tuple[T, IndexChange | None]], *, versioned: bool = True
+    ) -> T:
+        """Run ``fn(tx, version)`` in one write transaction (retried on a unique-constraint
+        race); ``fn`` returns ``(result, change)``. A change is recorded in the feed, applied
+        to the index and told to the subscribers, in commit order. Returns ``result``."""
+        return await self._write(fn, versioned=versioned)
+
+    def exclusive(self) -> trio.Lock:
+        """The lock each of this Directory's commits holds: ``async with
+        directory.exclusive():`` keeps its own writes and remote applications out of the
+        block. Never call `write`, `apply_remote` or `reload_index` inside it."""
+        return self._write_lock
+
+    def notify_subscribers(self, change: IndexChange | None) -> None:
+        """Tell every subscriber about ``change`` (None: anything may have changed), as a
+        commit does. Call it with `exclusive` held (from `apply_remote`'s ``apply``), so
+        that subscribers hear changes in commit order."""
+        self._notify(change)
 
     # -- transaction plumbing -----------------------------------------------------------------
     async def _read(self, fn: Callable[[Tx], T]) -> T:
@@ -588,34 +774,33 @@ class Directory:
         tags: dict[str, Any] | None = None,
         firewall_enabled: bool = False,
     ) -> Vnic:
-        errs: list[FieldError] = []
-        v_net = _v_uuid(errs, "network_uuid", network_uuid)
-        v_cn = _v_uuid(errs, "cn_uuid", cn_uuid)
-        v_mac = _v_mac(errs, "mac", mac, required=False)
-        v_ip = _v_ip(errs, "ip", ip, required=False)
-        v_belongs = _v_uuid(errs, "belongs_to_uuid", belongs_to_uuid, required=False)
-        v_owner = _v_uuid(errs, "owner_uuid", owner_uuid, required=False)
-        v_tags = _v_tags(errs, "tags", tags)
-        v_fw = _v_bool(errs, "firewall_enabled", firewall_enabled)
-        _raise(errs)
+        errs, values = _vnic_create_syntax(
+            network_uuid=network_uuid,
+            cn_uuid=cn_uuid,
+            mac=mac,
+            ip=ip,
+            belongs_to_uuid=belongs_to_uuid,
+            owner_uuid=owner_uuid,
+            tags=tags,
+            firewall_enabled=firewall_enabled,
+        )
+        if errs:
+            # One pass: the fields that parsed are checked against the stored state too.
+            _raise(errs + await self._state_errors(lambda tx: _vnic_create_state(tx, values)[0]))
+        v_net, v_cn, v_mac, v_ip = (
+            values["network_uuid"],
+            values["cn_uuid"],
+            values["mac"],
+            values["ip"],
+        )
+        v_belongs, v_owner, v_tags = values["belongs_to_uuid"], values["owner_uuid"], values["tags"]
+        v_fw = values["firewall_enabled"]
         assert v_net is not None and v_cn is not None
 
         def fn(tx: Tx, version: int) -> tuple[Vnic, IndexChange]:
-            errs: list[FieldError] = []
-            net = tx.get_network(v_net)
-            if net is None:
-                errs.append(FieldError("network_uuid", INVALID, f"network {v_net} does not exist"))
-            if tx.get_cn(v_cn) is None:
-                errs.append(FieldError("cn_uuid", INVALID, f"CN {v_cn} does not exist"))
-            subnet = ipaddress.ip_network(net.subnet) if net is not None else None
-            if (
-                v_ip is not None
-                and subnet is not None
-                and not allocation.is_assignable(subnet, ipaddress.ip_address(v_ip))
-            ):
-                errs.append(FieldError("ip", INVALID, f"ip {v_ip} is not a host of {subnet}"))
+            errs, net = _vnic_create_state(tx, values)
             _raise(errs)
-            assert net is not None and subnet is not None
+            assert net is not None
             # MAC
             if v_mac is not None:
                 if tx.mac_exists(v_mac):
@@ -711,46 +896,15 @@ class Directory:
     async def update_vnic(self, mac: bytes | str, /, **changes: Any) -> Vnic:
         """Change cn_uuid (a move), ip, tags, firewall_enabled, belongs_to_uuid, owner_uuid."""
         key = _mac_key(mac)
-        errs: list[FieldError] = []
-        for k in sorted(set(changes) - VNIC_UPDATABLE):
-            errs.append(FieldError(k, INVALID, f"{k} cannot be changed"))
-        new: dict[str, Any] = {}
-        if "cn_uuid" in changes:
-            new["cn_uuid"] = _v_uuid(errs, "cn_uuid", changes["cn_uuid"])
-        if "ip" in changes:
-            new["ip"] = _v_ip(errs, "ip", changes["ip"])
-        if "tags" in changes:
-            new["tags"] = _v_tags(errs, "tags", changes["tags"])
-        if "firewall_enabled" in changes:
-            new["firewall_enabled"] = _v_bool(errs, "firewall_enabled", changes["firewall_enabled"])
-        for k in ("belongs_to_uuid", "owner_uuid"):
-            if k in changes:
-                new[k] = _v_uuid(errs, k, changes[k], required=False)
-        _raise(errs)
+        errs, new = _vnic_update_syntax(changes)
+        if errs:
+            # One pass: the fields that parsed are checked against the stored state too.
+            _raise(errs + await self._state_errors(lambda tx: _vnic_update_state(tx, key, new)[0]))
 
         def fn(tx: Tx, version: int) -> tuple[Vnic, IndexChange]:
-            old = tx.get_vnic(key)
+            errs, old = _vnic_update_state(tx, key, new)
             if old is None:
                 raise NotFound("vnic", format_mac(key))
-            errs: list[FieldError] = []
-            if (
-                "cn_uuid" in new
-                and new["cn_uuid"] != old.cn_uuid
-                and tx.get_cn(new["cn_uuid"]) is None
-            ):
-                errs.append(FieldError("cn_uuid", INVALID, f"CN {new['cn_uuid']} does not exist"))
-            net = tx.get_network(old.network_uuid) if old.network_uuid else None
-            if (
-                "ip" in new
-                and new["ip"] != old.ip
-                and net is not None
-                and not allocation.is_assignable(
-                    ipaddress.ip_network(net.subnet), ipaddress.ip_address(new["ip"])
-                )
-            ):
-                errs.append(
-                    FieldError("ip", INVALID, f"ip {new['ip']} is not a host of {net.subnet}")
-                )
             _raise(errs)
             if "ip" in new and new["ip"] != old.ip:
                 holder = tx.vnic_by_ip(old.vnet_id, new["ip"])
@@ -801,19 +955,38 @@ class Directory:
         await self._write(fn)
 
     # -- bulk import ---------------------------------------------------------------------------
-    async def load(self, document: dict[str, Any]) -> dict[str, int]:
+    async def load(
+        self,
+        document: dict[str, Any],
+        *,
+        replace_existing: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
         """Import a starting state: ``{"cns": [...], "vnics": [...], "routes": [...]}``.
 
-        All or nothing; writes no shootdown log rows. CNs and VNICs (by MAC) and routes (by
-        key) already in the store are replaced. Unknown keys are ignored. A bad document
-        raises InvalidParameters naming every bad entry field (``vnics[3].mac``).
-        Returns ``{"cns": n, "vnics": n, "routes": n, "version": v}``.
+        All or nothing. A key the format does not know (``"vnic"``, a CN's ``"prot"``) is an
+        error naming its path. An entry identical to what the store holds (CN by uuid, VNIC by
+        MAC, route by key; a VNIC's ``network_uuid``, which the format cannot carry, is not
+        compared) is left alone. An entry that would *change* a stored object is refused
+        (Conflict naming each entry) unless ``replace_existing``; then the object is replaced
+        and the shootdown log rows that the same change through the API would write are
+        written (a VNIC moved to another CN or given another IP or vnet, a CN given another
+        underlay address). New objects get no log rows: a starting state has no caches to
+        correct. A bad document raises InvalidParameters naming every bad field
+        (``vnics[3].mac``). ``progress`` (called from the store's worker thread) receives a
+        short line at each stage of a large import.
+
+        Returns ``{"cns": n, "vnics": n, "routes": n, "version": v, "created": {...},
+        "replaced": {...}, "unchanged": {...}, "shootdowns": n}`` (n counts entries of the
+        document; the three dicts split them by kind).
         """
+        say = progress or (lambda line: None)
         cns, vnics, routes = _validate_document(document)
+        say(f"the document is well-formed ({len(cns) + len(vnics) + len(routes):,} entries)")
         doc_macs = [v.mac for v in vnics]
         doc_mac_set = set(doc_macs)
 
-        def fn(tx: Tx, version: int) -> tuple[dict[str, int], IndexChange]:
+        def fn(tx: Tx, version: int) -> tuple[dict[str, Any], IndexChange]:
             errs: list[FieldError] = []
             existing = {c.uuid: c for c in tx.list_cns()}
             final_ip: dict[str, str] = {u: c.ip for u, c in existing.items()}
@@ -847,32 +1020,105 @@ class Directory:
                         )
                     )
             _raise(errs)
-            put_cns = []
-            for c in cns:
-                cn = replace(c, version=version)
-                if c.uuid in existing:
-                    tx.update_cn(cn)
-                else:
-                    tx.insert_cn(cn)
-                put_cns.append(cn)
+            say(f"checked {len(vnics):,} VNICs against the store")
+            # What exists already: split the document into new, identical and changed entries.
             old = tx.get_vnics(doc_macs)
-            tx.delete_vnics(list(old))
-            new_vnics = [replace(v, version=version) for v in vnics]
-            tx.insert_vnics(new_vnics)
-            put_routes = [replace(r, version=version) for r in routes]
+            stored_routes = {r.key: r for r in tx.list_routes()} if routes else {}
+            new_cns, changed_cns = [], []
+            for i, c in enumerate(cns):
+                have = existing.get(c.uuid)
+                if have is None:
+                    new_cns.append(c)
+                elif (have.ip, have.port) != (c.ip, c.port):
+                    changed_cns.append((i, have, c))
+            new_vnics, changed_vnics = [], []
+            for i, v in enumerate(vnics):
+                have_v = old.get(v.mac)
+                if have_v is None:
+                    new_vnics.append(v)
+                elif replace(have_v, version=0, network_uuid=None) != v:
+                    changed_vnics.append((i, have_v, v))
+            new_routes, changed_routes = [], []
+            for i, r in enumerate(routes):
+                have_r = stored_routes.get(r.key)
+                if have_r is None:
+                    new_routes.append(r)
+                elif replace(have_r, version=0) != r:
+                    changed_routes.append((i, have_r, r))
+            n_changed = len(changed_cns) + len(changed_vnics) + len(changed_routes)
+            if n_changed and not replace_existing:
+                raise _load_conflict(changed_cns, changed_vnics, changed_routes)
+            n_new = len(new_cns) + len(new_vnics) + len(new_routes)
+            result: dict[str, Any] = {
+                "cns": len(cns),
+                "vnics": len(vnics),
+                "routes": len(routes),
+                "version": version,
+                "created": {
+                    "cns": len(new_cns),
+                    "vnics": len(new_vnics),
+                    "routes": len(new_routes),
+                },
+                "replaced": {
+                    "cns": len(changed_cns),
+                    "vnics": len(changed_vnics),
+                    "routes": len(changed_routes),
+                },
+                "unchanged": {
+                    "cns": len(cns) - len(new_cns) - len(changed_cns),
+                    "vnics": len(vnics) - len(new_vnics) - len(changed_vnics),
+                    "routes": len(routes) - len(new_routes) - len(changed_routes),
+                },
+                "shootdowns": 0,
+            }
+            if n_new + n_changed == 0:
+                result["version"] = version - 1  # next_version's step is rolled back
+                raise _NoChange(result)
+            # Writes.
+            put_cns = [replace(c, version=version) for c in new_cns]
+            for cn in put_cns:
+                tx.insert_cn(cn)
+            for _, _, c in changed_cns:
+                cn = replace(c, version=version)
+                tx.update_cn(cn)
+                put_cns.append(cn)
+            # Replaced VNICs go first and come back with the new ones, so two VNICs of the
+            # document may swap IPs without tripping the store's (vnet, ip) uniqueness.
+            tx.delete_vnics([have_v.mac for _, have_v, _ in changed_vnics])
+            put_vnics = [replace(v, version=version) for v in new_vnics]
+            for done in range(0, len(put_vnics), LOAD_BATCH):
+                tx.insert_vnics(put_vnics[done : done + LOAD_BATCH])
+                if len(put_vnics) > LOAD_BATCH:
+                    say(
+                        f"wrote {min(done + LOAD_BATCH, len(put_vnics)):,} of "
+                        f"{len(put_vnics):,} new VNICs"
+                    )
+            networks: dict[str, Network | None] = {}
+            replaced_vnics: list[tuple[Vnic, Vnic]] = []
+            for _, have_v, v in changed_vnics:
+                keep = have_v.network_uuid
+                if keep is not None:
+                    if keep not in networks:
+                        networks[keep] = tx.get_network(keep)
+                    net = networks[keep]
+                    if net is None or net.vnet_id != v.vnet_id or _ip_errors(net, v.ip):
+                        keep = None  # the VNIC left its network
+                replaced_vnics.append((have_v, replace(v, network_uuid=keep, version=version)))
+            tx.insert_vnics([u for _, u in replaced_vnics])
+            put_routes = [replace(r, version=version) for r in new_routes]
+            put_routes += [replace(r, version=version) for _, _, r in changed_routes]
             for r in put_routes:
                 tx.put_route(r)
-            result = {
-                "cns": len(put_cns),
-                "vnics": len(new_vnics),
-                "routes": len(put_routes),
-                "version": version,
-            }
+            records = _load_shootdowns(tx, version, changed_cns, replaced_vnics)
+            if records:
+                tx.append_log(records)
+            result["shootdowns"] = len(records)
+            say(f"wrote everything; committing ({len(records):,} shootdown log entries)")
             change = IndexChange(
                 version,
                 cns_put=tuple(put_cns),
-                vnics_removed=tuple(old.values()),
-                vnics_put=tuple(new_vnics),
+                vnics_removed=tuple(have_v for have_v, _ in replaced_vnics),
+                vnics_put=tuple(put_vnics) + tuple(u for _, u in replaced_vnics),
                 routes_put=tuple(put_routes),
             )
             return result, change
@@ -902,6 +1148,53 @@ class Directory:
                 break
             used += size
             out.append(r.to_entry())
+        return out
+
+    async def fetch_logs(
+        self, keys: Iterable[tuple[str, int, int]]
+    ) -> dict[tuple[str, int, int], list[LogEntry]]:
+        """`fetch_log` for many ``(cn_uuid, budget, version)`` keys in one store read.
+
+        Keys whose log was read empty with nothing written since are answered from memory,
+        as `fetch_log` does; the rest share one read transaction."""
+        epoch = self._log_epoch
+        smallest = min(LOG_ENTRY_SIZES.values())
+        out: dict[tuple[str, int, int], list[LogEntry]] = {}
+        wanted = []
+        for key in dict.fromkeys(keys):
+            cn_uuid, budget, version = key
+            if (
+                budget - LOG_STATUS_SIZE < smallest
+                or self._log_empty.get((cn_uuid, version >= 2)) == epoch
+            ):
+                out[key] = []
+            else:
+                wanted.append(key)
+        if not wanted:
+            return out
+
+        def read(tx: Tx) -> dict[tuple[str, int, int], list[Any]]:
+            return {
+                key: tx.fetch_log(
+                    key[0],
+                    (key[1] - LOG_STATUS_SIZE) // smallest,
+                    (LOG_VL2, LOG_VL3) if key[2] < 2 else None,
+                )
+                for key in wanted
+            }
+
+        rows_by_key = await self._read(read)
+        for key, rows in rows_by_key.items():
+            if not rows:
+                self._log_empty[(key[0], key[2] >= 2)] = epoch
+            avail, used, entries = key[1] - LOG_STATUS_SIZE, 0, []
+            for r in rows:
+                size = LOG_ENTRY_SIZES[r.type]
+                if used + size > avail:
+                    break
+                used += size
+                entries.append(r.to_entry())
+            out[key] = entries
         return out
 
     async def remove_log(self, ids: Iterable[bytes]) -> int:
@@ -937,11 +1230,180 @@ class Directory:
         return _v_uuid(errs, "uuid", value)
 
 
+#: VNICs written per statement by ``load`` (a progress line after each batch)
+LOAD_BATCH = 50_000
+#: the keys a ``load`` document may hold, by place (anything else is refused, path named)
+LOAD_KEYS: dict[str, frozenset[str]] = {
+    "document": frozenset({"cns", "vnics", "routes"}),
+    "cns": frozenset({"uuid", "ip", "port"}),
+    "vnics": frozenset(
+        {
+            "mac",
+            "ip",
+            "vnet_id",
+            "vlan",
+            "vlan_id",
+            "cn_uuid",
+            "belongs_to_uuid",
+            "owner_uuid",
+            "tags",
+            "firewall_enabled",
+        }
+    ),
+    "routes": frozenset(
+        {
+            "vnet_id",
+            "vlan",
+            "vlan_id",
+            "subnet",
+            "r_dc_id",
+            "r_vnet_id",
+            "r_vlan_id",
+            "r_subnet",
+            "r_send_mac",
+            "r_ul_ip",
+            "r_ul_port",
+            "r_dst_mac",
+            "net_uuid",
+            "r_net_uuid",
+        }
+    ),
+}
+#: changed entries listed one by one in a refusal (the message gives the total)
+LOAD_CONFLICTS_LISTED = 20
+
+
+def _unknown_keys(errs: list[FieldError], prefix: str, item: dict[str, Any], place: str) -> None:
+    import difflib
+
+    known = LOAD_KEYS[place]
+    for key in item:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        hint = f'; did you mean "{close[0]}"?' if close else ""
+        errs.append(
+            FieldError(
+                f"{prefix}{key}",
+                INVALID,
+                f"unknown key (known: {', '.join(sorted(known))}){hint}",
+            )
+        )
+
+
+def _differences(have: Any, want: Any, fields: tuple[str, ...]) -> str:
+    out = []
+    for f in fields:
+        a, b = getattr(have, f), getattr(want, f)
+        if a != b:
+            a_text = format_mac(a) if isinstance(a, bytes) else a
+            b_text = format_mac(b) if isinstance(b, bytes) else b
+            out.append(f"{f} {a_text!r} -> {b_text!r}")
+    return ", ".join(out)
+
+
+_VNIC_LOAD_FIELDS = (
+    "ip",
+    "vnet_id",
+    "vlan_id",
+    "cn_uuid",
+    "belongs_to_uuid",
+    "owner_uuid",
+    "tags",
+    "firewall_enabled",
+)
+
+
+def _load_conflict(
+    changed_cns: list[tuple[int, ComputeNode, ComputeNode]],
+    changed_vnics: list[tuple[int, Vnic, Vnic]],
+    changed_routes: list[tuple[int, Route, Route]],
+) -> Conflict:
+    """The refusal of a load that would change stored objects without ``--replace``."""
+    errs: list[FieldError] = []
+    for i, have, want in changed_cns:
+        errs.append(
+            FieldError(
+                f"cns[{i}]", "Changed", "CN exists: " + _differences(have, want, ("ip", "port"))
+            )
+        )
+    for i, have_v, want_v in changed_vnics:
+        errs.append(
+            FieldError(
+                f"vnics[{i}]",
+                "Changed",
+                f"VNIC {format_mac(want_v.mac)} exists: "
+                + _differences(have_v, want_v, _VNIC_LOAD_FIELDS),
+            )
+        )
+    for i, have_r, want_r in changed_routes:
+        fields = tuple(f for f in want_r.__dataclass_fields__ if f != "version")
+        errs.append(
+            FieldError(
+                f"routes[{i}]", "Changed", "route exists: " + _differences(have_r, want_r, fields)
+            )
+        )
+    total = len(errs)
+    shown = errs[:LOAD_CONFLICTS_LISTED]
+    more = f" (the first {len(shown)} are listed)" if total > len(shown) else ""
+    return Conflict(
+        f"{total} entr{'y' if total == 1 else 'ies'} would change objects already in the store"
+        f"{more}; give --replace to replace them (shootdowns are written for moves)",
+        shown,
+    )
+
+
+def _load_shootdowns(
+    tx: Tx,
+    version: int,
+    changed_cns: list[tuple[int, ComputeNode, ComputeNode]],
+    replaced_vnics: list[tuple[Vnic, Vnic]],
+) -> list[LogRecord]:
+    """The log rows for objects ``load --replace`` changed, as the API would write them:
+    a VNIC moved (VL2 + VL3 to the vnet's CNs and the old CN), re-addressed (VL3 for the new
+    and the old IP), or put in another vnet (the old vnet's CNs forget it, VL2 + VL3; the new
+    vnet's learn its IP, VL3); a CN given another underlay address (VL2 for each of its VNICs
+    to the CNs of their vnets). Tag, owner and firewall changes write nothing."""
+    in_vnet: dict[int, set[str]] = {}
+
+    def cns_of(vnet: int) -> set[str]:
+        if vnet not in in_vnet:
+            in_vnet[vnet] = tx.cns_in_vnet(vnet)
+        return in_vnet[vnet]
+
+    records: list[LogRecord] = []
+    for have, new in replaced_vnics:
+        moved = have.cn_uuid != new.cn_uuid
+        if have.vnet_id != new.vnet_id:
+            for r in sorted(cns_of(have.vnet_id) | {have.cn_uuid}):
+                records.append(_vl2_rec(r, have, version))
+                records.append(_vl3_rec(r, have, have.ip, version))
+            records.extend(_vl3_rec(r, new, new.ip, version) for r in sorted(cns_of(new.vnet_id)))
+            continue
+        ip_changed = have.ip != new.ip
+        if not (moved or ip_changed or have.vlan_id != new.vlan_id):
+            continue
+        recipients = set(cns_of(new.vnet_id))
+        if moved:
+            recipients.add(have.cn_uuid)
+        for r in sorted(recipients):
+            if moved:
+                records.append(_vl2_rec(r, new, version))
+            records.append(_vl3_rec(r, new, new.ip, version))
+            if ip_changed:
+                records.append(_vl3_rec(r, new, have.ip, version))
+    for _, _, cn in changed_cns:
+        for v in tx.list_vnics(cn_uuid=cn.uuid):
+            records.extend(_vl2_rec(r, v, version) for r in sorted(cns_of(v.vnet_id)))
+    return records
+
+
 def _validate_document(document: Any) -> tuple[list[ComputeNode], list[Vnic], list[Route]]:
     """Parse a ``load`` document; every bad field becomes one FieldError."""
     errs: list[FieldError] = []
     if not isinstance(document, dict):
         raise InvalidParameters([FieldError("document", INVALID, "must be a JSON object")])
+    _unknown_keys(errs, "", document, "document")
     sections: dict[str, list[Any]] = {}
     for name in ("cns", "vnics", "routes"):
         value = document.get(name, [])
@@ -956,6 +1418,7 @@ def _validate_document(document: Any) -> tuple[list[ComputeNode], list[Vnic], li
         if not isinstance(item, dict):
             errs.append(FieldError(f"{section}[{i}]", INVALID, "must be an object"))
             return None
+        _unknown_keys(errs, f"{section}[{i}].", item, section)
         return item
 
     cns: list[ComputeNode] = []
@@ -1078,4 +1541,4 @@ def _validate_document(document: Any) -> tuple[list[ComputeNode], list[Vnic], li
     return cns, vnics, routes
 
 
-__all__ = ["Directory", "IndexChange"]
+__all__ = ["Directory", "IndexChange", "NoChange"]

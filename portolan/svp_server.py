@@ -19,15 +19,28 @@ Each connection is one task (``trio.serve_tcp``) running this loop::
 - Replies go out in the order the requests came in (varpd matches by id, portolan's own test
   client and MNX's rely on order). A reply carries its request's id verbatim and its version
   (1 or 2; CONVENTIONS "SVP server decisions").
-- Replies are written whole: all replies produced from one receive are joined and written with
+- Replies are written whole: the replies produced from one receive are joined and written with
   one ``send_all``. The task does not read again until that write is done, so a client that
   does not read its replies stops being read from; TCP flow control pushes back on it and no
   reply queue grows without bound.
+- The replies built but not yet sent are bounded too: once the Decoder path (BULK, PING,
+  LOG...) has built ``REPLY_FLUSH_BYTES`` (64 KiB) of them, they are sent before the rest of
+  the receive is parsed. A 20-byte BULK_REQ may get a reply of ``max_frame`` bytes, so one
+  64 KiB read of BULK_REQs would otherwise build 3,276 of them (~200 MB) before the first send;
+  now a client that never reads holds at most one receive (64 KiB), the lookup lane's replies
+  to it (< 110 KiB: 28-byte requests, 36-44-byte replies) and 64 KiB + one reply of the rest.
 - The decoder holds at most one partial frame between receives: its header checks reject a
   declared size over ``max_frame`` before the body is awaited, so a stalled client costs at
-  most ``max_frame`` + 16 bytes. A connection that keeps a frame half-sent for longer than
-  ``idle_timeout`` seconds is closed (``idle_timeout`` protocol error). A connection with no
-  partial frame may stay idle forever, as portolan always allowed.
+  most ``max_frame`` + 16 bytes. A frame not complete ``idle_timeout`` seconds after its first
+  byte arrived closes the connection (``idle_timeout`` protocol error): the clock starts with
+  the frame, not with the last byte, so a client trickling a byte a second cannot hold a
+  partial frame (and its task and buffers) forever. A connection with no partial frame may stay
+  idle forever, as portolan always allowed.
+- Connections are capped (``max_connections``; ``portolan serve`` derives the default from the
+  open-file limit, leaving room for the API, /metrics and the store). Past the cap a new
+  connection is accepted and closed at once, counted in
+  ``portolan_svp_connections_refused_total`` and logged at most once per 10 s, so the process
+  never runs out of file descriptors because of SVP clients.
 
 What is answered
 ----------------
@@ -42,9 +55,17 @@ What is answered
   ``Directory.fetch_log`` (a store read in a worker thread), oldest first, as many as fit so
   that the whole LOG_ACK body, status word included, is at most ``count`` (the server checks
   the sizes again before it sends). (A ``count``
-  under 4 still gets the 4-byte empty reply: there is nothing smaller to send.)
+  under 4 still gets the 4-byte empty reply: there is nothing smaller to send.) A ``count`` too
+  small for any entry (under 36) is answered OK and empty without reading the store, so such a
+  LOG_REQ tells whether the IP is that of exactly one CN even while the store is down
+  (``portolan log`` uses it to explain a FATAL).
 - LOG_RM -> LOG_RM_ACK after ``Directory.remove_log`` (worker thread). Ids not in the log are
   ignored; ids need not belong to the requester (as the reference).
+- Our extension (`protocol.svp_ext`, `portolan.svp_ext_session`): a PING whose body carries
+  the extension's magic (HELLO) -> a PONG with the same layout granting LOG_WAIT; once granted,
+  LOG_WAIT (op 0x0109) is a LOG_REQ the server may hold until the CN has an entry (or the wait
+  passes). It runs as a task of the connection, so it never holds back the replies to later
+  requests; everything else stays in request order. Any other PING gets the plain PONG.
 - SHOOTDOWN is accepted and counted; it has no reply.
 - BULK_REQ -> BULK_ACK in a format of ours (SVP never defined one), see below; an unknown bulk
   type gets BADBULK with empty data.
@@ -67,8 +88,10 @@ Malformed input
 ---------------
 A frame the decoder refuses (other version, unknown op, short body, bad CRC, declared size
 over the limit, a LOG_RM whose length disagrees with its count), or an ack op sent to the
-server (``ack_op``), closes the connection at once; it is logged and counted by kind in
-``portolan_svp_protocol_errors_total``. Replies to the valid requests that came before it in
+server (``ack_op``), closes the connection at once; it is counted by kind in
+``portolan_svp_protocol_errors_total`` (exact) and logged at most once per kind per 10 s
+(`portolan.ratelimit.LogLimiter`; the line after a quiet spell says how many were left out).
+Store failures under LOG_REQ/LOG_RM are logged the same way, as one line without traceback. Replies to the valid requests that came before it in
 the same read are still sent. No error ever leaves a connection task: anything unexpected is
 logged, counted as ``internal`` and closes that connection only; every other connection keeps
 working. A client that resets with requests outstanding only loses its own connection.
@@ -93,6 +116,8 @@ import trio
 
 from portolan.index import vl3_key
 from portolan.metrics import LATENCY_SAMPLE_EVERY, PortolanMetrics
+from portolan.ratelimit import LogLimiter
+from portolan.svp_ext_session import DEFAULT_MAX_LOG_WAIT, ExtSession, LogBatcher, LogWaitHub
 from protocol.svp import (
     LOG_ENTRY_SIZE,
     BulkAck,
@@ -122,6 +147,8 @@ DEFAULT_PORT = 1296
 DEFAULT_MAX_FRAME = 64 * 1024
 DEFAULT_IDLE_TIMEOUT = 60.0
 RECEIVE_SIZE = 64 * 1024
+#: replies built by the Decoder path are sent once they reach this many bytes (see above)
+REPLY_FLUSH_BYTES = 64 * 1024
 
 ZERO_IP = bytes(16)
 ZERO_MAC = bytes(6)
@@ -147,6 +174,7 @@ _VL3_ACK_HEAD_CRC = {v: zlib.crc32(h) for v, h in _VL3_ACK_HEAD.items()}
 _V3_SLOT = struct.Struct(">I").unpack_from  # the CN slot in a VL3 index value (at offset 10)
 
 _OK = int(Status.OK)
+_SMALLEST_LOG_ACK = 4 + min(LOG_ENTRY_SIZE.values())  # status word + the smallest entry
 _NOTFOUND = int(Status.NOTFOUND)
 _FATAL = int(Status.FATAL)
 
@@ -174,11 +202,20 @@ class SvpServer:
         metrics: PortolanMetrics | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int | None = None,
+        max_log_wait: float = DEFAULT_MAX_LOG_WAIT,
     ) -> None:
         self.directory = directory
         self.metrics = metrics if metrics is not None else PortolanMetrics()
         self.max_frame = max_frame
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections  # None: no cap
+        self.connections_refused = 0
+        self._log = LogLimiter(log)  # warnings about clients: one per kind per 10 s
+        try:
+            self.metrics.register(_ConnectionLimitCollector(self))
+        except ValueError:  # a second server on the same metrics: the first one reports
+            pass
         self._sample_every = LATENCY_SAMPLE_EVERY
         # Requests the Decoder hands over. Sync handlers return the reply frame (or None: no
         # reply); async ones may wait for the store.
@@ -194,6 +231,11 @@ class SvpServer:
             LogRequest: self._log_request,
             LogRemove: self._log_remove,
         }
+        # The negotiated extension (protocol.svp_ext): HELLO and held LOG_WAITs; 0 disables
+        # LOG_WAIT (HELLO then grants nothing).
+        self.max_log_wait = max_log_wait
+        self._log_hub = LogWaitHub(directory)
+        self._log_batcher = LogBatcher(directory)  # group commit: held reads and LOG_RM
 
     # ----------------------------------------------------------------------------------------
     # Listening
@@ -217,6 +259,22 @@ class SvpServer:
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         """Serve one connection until the peer closes it or breaks the protocol."""
         metrics = self.metrics
+        cap = self.max_connections
+        if cap is not None and metrics.svp_connections_open >= cap:
+            # Over the cap: accept-and-close, so the backlog does not fill and the descriptors
+            # stay free for the API, /metrics and the store.
+            self.connections_refused += 1
+            self._log.warning(
+                "over_limit",
+                "SVP connection from %s refused: %d connections open, the limit is %d "
+                "(--svp-max-connections); %d refused since start",
+                _peer_name(stream),
+                metrics.svp_connections_open,
+                cap,
+                self.connections_refused,
+            )
+            await trio.aclose_forcefully(stream)
+            return
         metrics.svp_connections_open += 1
         metrics.svp_connections_accepted += 1
         peer = _peer_name(stream)
@@ -226,7 +284,13 @@ class SvpServer:
             log.debug("SVP connection %s ended: %s", peer, exc)
         except Exception:
             metrics.svp_protocol_errors["internal"] += 1
-            log.exception("SVP connection %s: internal error, closing it", peer)
+            self._log.log(
+                logging.ERROR,
+                "internal",
+                "SVP connection %s: internal error, closing it",
+                peer,
+                exc_info=True,
+            )
         finally:
             metrics.svp_connections_open -= 1
             await trio.aclose_forcefully(stream)
@@ -235,24 +299,47 @@ class SvpServer:
     # The connection loop (hot path)
 
     async def _connection_loop(self, stream: trio.SocketStream, peer: str) -> None:
+        # Held LOG_WAITs (portolan.svp_ext_session) are tasks of this nursery: they end with
+        # the connection, and their replies go out through ``ext.send_all`` between ours.
+        async with trio.open_nursery() as nursery:
+            ext = ExtSession(
+                self._log_hub,
+                stream,
+                nursery,
+                self._log_request,
+                metrics=self.metrics,
+                max_wait=self.max_log_wait,
+                batcher=self._log_batcher,
+                cns_for_ip=lambda ip: self.directory.index.cns_for_underlay_ip(ip),
+            )
+            try:
+                await self._serve_requests(stream, peer, ext)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _serve_requests(self, stream: trio.SocketStream, peer: str, ext: ExtSession) -> None:
         metrics = self.metrics
         decoder = Decoder(max_size=self.max_frame)
+        ext.attach(decoder)
         lookup_lane = self._lookup_lane
-        sync_handlers = self._sync_handlers
+        sync_handlers = ext.handlers(self._sync_handlers)
         async_handlers = self._async_handlers
         receive_some = stream.receive_some
         sample_every = self._sample_every
         batches = 0
+        frame_deadline = 0.0  # when the partial frame the decoder holds must be complete
         while True:
             if decoder.buffered:
-                # Mid-frame: the rest of it must come within the idle timeout.
+                # Mid-frame: the rest of it must come idle_timeout after its first byte.
                 data = None
-                with trio.move_on_after(self.idle_timeout):
+                with trio.move_on_at(frame_deadline):
                     data = await receive_some(RECEIVE_SIZE)
                 if data is None:
                     metrics.svp_protocol_errors["idle_timeout"] += 1
-                    log.warning(
-                        "SVP connection %s: frame left incomplete for %gs (%d bytes held), closing",
+                    self._log.warning(
+                        "idle_timeout",
+                        "SVP connection %s: frame not complete %gs after its first byte "
+                        "(%d bytes held), closing",
                         peer,
                         self.idle_timeout,
                         decoder.buffered,
@@ -268,6 +355,8 @@ class SvpServer:
             failure: ProtocolError | None = None
             have = len(data)
             pos = 0
+            held = decoder.buffered  # a frame begun in an earlier receive keeps its deadline
+            pending = 0  # bytes of Decoder-path replies built and not yet sent
             try:
                 while pos < have:
                     if decoder.buffered:
@@ -280,25 +369,39 @@ class SvpServer:
                     decoder.receive_data(data[pos:end])
                     pos = end
                     while (msg := decoder.next_message()) is not None:
+                        held = 0  # the frame held before this receive (if any) is done
                         cls = type(msg)
                         if (handler := sync_handlers.get(cls)) is not None:
                             reply = handler(msg)
-                            if reply is not None:
-                                replies.append(reply)
+                            if reply is None:
+                                continue
                         elif (async_handler := async_handlers.get(cls)) is not None:
-                            replies.append(await async_handler(msg))
+                            reply = await async_handler(msg)
                         else:
                             raise AckOpReceived(
                                 f"{msg.OP.name} is a reply; a server only takes requests"
                             )
+                        replies.append(reply)
+                        pending += len(reply)
+                        if pending >= REPLY_FLUSH_BYTES:
+                            # Send before building more (BULK_ACKs are up to max_frame each):
+                            # a client that does not read holds this task here, not memory.
+                            await ext.send_all(b"".join(replies))
+                            replies.clear()
+                            pending = 0
             except ProtocolError as exc:
                 failure = exc
             if replies:
-                await stream.send_all(b"".join(replies) if len(replies) > 1 else replies[0])
+                await ext.send_all(b"".join(replies) if len(replies) > 1 else replies[0])
             if failure is not None:
                 metrics.svp_protocol_errors[failure.kind] += 1
-                log.warning("SVP connection %s: %s (%s), closing", peer, failure, failure.kind)
+                self._log.warning(
+                    failure.kind, "SVP connection %s: %s (%s), closing", peer, failure, failure.kind
+                )
                 return
+            if decoder.buffered and not held:
+                # A new partial frame: its first byte came with this receive.
+                frame_deadline = trio.current_time() + self.idle_timeout
             if started:
                 metrics.svp_lookup_seconds.observe(time.perf_counter() - started)
 
@@ -418,7 +521,9 @@ class SvpServer:
     # ----------------------------------------------------------------------------------------
     # Other requests
 
-    def _count(self, op: str, status: int | None) -> None:
+    def _count(self, op: str | None, status: int | None) -> None:
+        if op is None:
+            return
         self.metrics.svp_requests[(op, "none" if status is None else _STATUS_NAME[status])] += 1
 
     def _vl2(self, msg: VL2Request) -> bytes:
@@ -486,23 +591,38 @@ class SvpServer:
         self._count("bulk", _OK)
         return BulkAck(msg.id, _OK, msg.bulk_type, data, msg.version).encode()
 
-    async def _log_request(self, msg: LogRequest) -> bytes:
+    async def _log_request(self, msg: LogRequest, op: str | None = "log") -> bytes:
+        """LOG_REQ -> LOG_ACK; ``op`` is the metric label (None: not counted; a held LOG_WAIT
+        builds its answer here on every wake-up and counts its one reply itself)."""
         cns = self.directory.index.cns_for_underlay_ip(msg.ip)
         if len(cns) != 1:
-            log.warning(
+            self._log.warning(
+                "log_req_cn",
                 "SVP LOG_REQ from underlay IP %s matches %d compute nodes (need exactly 1)",
                 _ip_text(msg.ip),
                 len(cns),
             )
-            self._count("log", _FATAL)
+            self._count(op, _FATAL)
             return LogAck(msg.id, _FATAL, (), msg.version).encode()
+        if msg.count < _SMALLEST_LOG_ACK:
+            # No entry fits: answered from the index alone, without the store (`portolan log`
+            # relies on this to tell an unknown CN from a store failure).
+            self._count(op, _OK)
+            return LogAck(msg.id, _OK, (), msg.version).encode()
         try:
             # fetch_log's budget is the whole LOG_ACK body, status word included.
             entries = await self.directory.fetch_log(cns[0], msg.count, msg.version)
-        except Exception:
-            log.exception("SVP LOG_REQ for compute node %s: reading the log failed", cns[0])
+        except Exception as exc:
+            # One line, rate-limited: during a store outage every CN polls several times a second.
+            self._log.error(
+                "store",
+                "SVP LOG_REQ for compute node %s: cannot read the shootdown log from the store "
+                "(%s); answering FATAL",
+                cns[0],
+                _brief(exc),
+            )
             self.metrics.svp_internal_errors["log"] += 1
-            self._count("log", _FATAL)
+            self._count(op, _FATAL)
             return LogAck(msg.id, _FATAL, (), msg.version).encode()
         kept = _within_budget(entries, msg.count - 4, msg.version)
         if len(kept) != len(entries):
@@ -512,19 +632,55 @@ class SvpServer:
                 msg.count,
                 len(kept),
             )
-        self._count("log", _OK)
+        self._count(op, _OK)
         return LogAck(msg.id, _OK, tuple(kept), msg.version).encode()
 
     async def _log_remove(self, msg: LogRemove) -> bytes:
         try:
-            await self.directory.remove_log(list(msg.ids))
-        except Exception:
-            log.exception("SVP LOG_RM of %d ids: removing from the log failed", len(msg.ids))
+            await self._log_batcher.remove(msg.ids)  # with concurrent LOG_RMs, one commit
+        except Exception as exc:
+            self._log.error(
+                "store",
+                "SVP LOG_RM of %d ids: cannot remove them from the store's shootdown log (%s); "
+                "answering FATAL",
+                len(msg.ids),
+                _brief(exc),
+            )
             self.metrics.svp_internal_errors["log_rm"] += 1
             self._count("log_rm", _FATAL)
             return LogRemoveAck(msg.id, _FATAL, msg.version).encode()
         self._count("log_rm", _OK)
         return LogRemoveAck(msg.id, _OK, msg.version).encode()
+
+
+class _ConnectionLimitCollector:
+    """``portolan_svp_connections_refused_total`` and ``portolan_svp_connections_limit``."""
+
+    def __init__(self, server: SvpServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        server = self._server
+        yield CounterMetricFamily(
+            "portolan_svp_connections_refused",
+            "SVP connections accepted and closed at once because the limit was reached",
+            value=server.connections_refused,
+        )
+        if server.max_connections is not None:
+            yield GaugeMetricFamily(
+                "portolan_svp_connections_limit",
+                "most SVP connections served at once (--svp-max-connections)",
+                value=server.max_connections,
+            )
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception as one short line for the log: its type and first line."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _frame_end(data: bytes, pos: int) -> int:

@@ -63,7 +63,7 @@ Invariants
 
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
@@ -494,7 +494,9 @@ class VL3Request:
 
     def encode(self) -> bytes:
         _need(self.ip, 16, "ip")
-        return _seal(_F_VL3_REQ, self.version, self.OP, self.id, self.ip, self.ip_type, self.vnet_id)
+        return _seal(
+            _F_VL3_REQ, self.version, self.OP, self.id, self.ip, self.ip_type, self.vnet_id
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -912,18 +914,27 @@ _OPS_BY_VERSION = {1: _V1_OPS, 2: _V2_OPS}
 
 
 def _check_header(
-    version: int, op: int, size: int, versions: frozenset[int], max_size: int | None
+    version: int,
+    op: int,
+    size: int,
+    versions: frozenset[int],
+    max_size: int | None,
+    extra_ops: Mapping[int, tuple[int, _Parser]] | None = None,
 ) -> _Parser:
-    """Header-only checks; returns the body parser."""
+    """Header-only checks; returns the body parser. ``extra_ops`` (op -> (minimum body size,
+    parser)) adds or replaces ops in every accepted version (protocol extensions)."""
     if version not in versions:
         raise UnsupportedVersion(f"SVP version {version} not accepted (want {sorted(versions)})")
-    entry = _OPS_BY_VERSION[version].get(op)
+    entry = extra_ops.get(op) if extra_ops else None
+    if entry is None:
+        entry = _OPS_BY_VERSION[version].get(op)
     if entry is None:
         raise UnknownOp(f"op {op:#x} does not exist in SVP version {version}")
     if max_size is not None and size > max_size:
         raise OversizeFrame(f"declared body size {size} exceeds the limit of {max_size}")
     if size < entry[0]:
-        raise ShortBody(f"{Op(op).name} needs a body of {entry[0]} bytes, frame declares {size}")
+        name = Op(op).name if op in _V2_OPS else f"op {op:#x}"
+        raise ShortBody(f"{name} needs a body of {entry[0]} bytes, frame declares {size}")
     return entry[1]
 
 
@@ -939,14 +950,15 @@ def decode_frame(
     *,
     versions: frozenset[int] = _SUPPORTED_VERSIONS,
     max_size: int | None = None,
+    extra_ops: Mapping[int, tuple[int, _Parser]] | None = None,
 ) -> Message:
     """Decode exactly one whole frame. Raises ``ProtocolError`` subclasses only; a frame cut
-    short or followed by extra bytes is ``BadLength``."""
+    short or followed by extra bytes is ``BadLength``. ``extra_ops`` as for `Decoder.extend`."""
     frame = bytes(frame)
     if len(frame) < HEADER_SIZE:
         raise BadLength(f"a frame is at least {HEADER_SIZE} bytes, got {len(frame)}")
     version, op, size, id, crc = _HDR.unpack_from(frame, 0)
-    parse = _check_header(version, op, size, versions, max_size)
+    parse = _check_header(version, op, size, versions, max_size, extra_ops)
     if len(frame) != HEADER_SIZE + size:
         raise BadLength(f"frame declares {size} body bytes but carries {len(frame) - HEADER_SIZE}")
     _check_crc(frame, crc)
@@ -957,7 +969,7 @@ class Decoder:
     """Incremental SVP decoder for one byte stream (one TCP connection). See the module
     docstring for the order of checks and the poisoning rule."""
 
-    __slots__ = ("_buf", "_error", "_max_size", "_table", "_versions")
+    __slots__ = ("_buf", "_error", "_extra", "_max_size", "_table", "_versions")
 
     def __init__(self, max_size: int = 65536, versions: frozenset[int] = _SUPPORTED_VERSIONS):
         if max_size < 0:
@@ -974,6 +986,16 @@ class Decoder:
         self._table = {
             (v << 16) | op: entry for v in versions for op, entry in _OPS_BY_VERSION[v].items()
         }
+        self._extra: dict[int, tuple[int, _Parser]] = {}
+
+    def extend(self, ops: Mapping[int, tuple[int, _Parser]]) -> None:
+        """Accept more ops from now on (a negotiated protocol extension, `protocol.svp_ext`):
+        ``ops`` maps an op number to (minimum body size, parser), in every accepted version;
+        an op already known is replaced (e.g. a PING parser that also reads a body)."""
+        self._extra.update(ops)
+        for v in self._versions:
+            for op, entry in ops.items():
+                self._table[(v << 16) | op] = entry
 
     @property
     def buffered(self) -> int:
@@ -1003,7 +1025,7 @@ class Decoder:
             entry = self._table.get((version << 16) | op)
             if entry is None or size > self._max_size or size < entry[0]:
                 # Slow path: let the general check name the fault.
-                _check_header(version, op, size, self._versions, self._max_size)
+                _check_header(version, op, size, self._versions, self._max_size, self._extra)
                 raise AssertionError("unreachable")  # pragma: no cover
             end = 16 + size
             if have < end:

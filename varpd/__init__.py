@@ -29,12 +29,13 @@ Modules
 - `config`: the TOML file and its validation (every error names its key).
 - `daemon`: `Varpd(config, driver=None, underlay=None)`; ``await varpd.run(task_status=...)``;
   the admin methods (create, set_props, activate, delete, cache_*, vnic_*, list, show) that
-  the control socket calls and that the demo/tests call directly.
+  the control socket calls and that lab (the demo, benchmarks) and tests call directly.
 - `instance`: `Instance` lifecycle and properties; `VarpdError(code, message, field)`.
 - `persist`: msgpack state files, atomic writes, corrupt files moved aside.
 - `control` / `adm`: the control socket server and the ``varpdadm`` client.
 - `proxy`: proxy ARP / NDP / DHCP over `protocol.ethernet`'s frame helpers.
-- `metrics`: one `CollectorRegistry` per daemon + a trio HTTP responder for /metrics.
+- `metrics`: one `CollectorRegistry` per daemon, served on /metrics by the shared
+  `httpmetrics` responder (the one portolan uses too).
 - `plugins`: `base` (the plugin contract: PropSpec, PluginHost, LookupReply, Plugin),
   `direct`, `files`, `svp` (imported lazily; the daemon runs without it).
 - `cli`: ``varpd run --config FILE`` prints ``READY control=PATH metrics=HOST:PORT``.

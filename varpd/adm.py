@@ -134,6 +134,49 @@ def _render_firewall(result: dict[str, Any]) -> str:
     others = result.get("policy_only") or []
     if others:
         lines += ["", "in the policy but not on this node: " + ", ".join(others)]
+    if result.get("kernel"):
+        lines += ["", _render_kernel_firewall(result["kernel"])]
+    return "\n".join(lines)
+
+
+def _render_kernel_firewall(k: dict[str, Any]) -> str:
+    """backend linux: the nftables side (varpd/firewall/kernel)."""
+    kernel = k.get("kernel") or {}
+    secs = k.get("last_transaction_seconds")
+    lines = [
+        f"kernel:      {kernel.get('table', 'bridge ' + str(k.get('table')))} "
+        f"(+ {kernel.get('glue_table', '-')}), via {k.get('backend')}",
+        f"  generation {'-' if kernel.get('generation') is None else kernel['generation']}"
+        f" in the kernel, {k.get('transactions', 0)} transactions "
+        f"({k.get('full_rebuilds', 0)} full, {k.get('refused', 0)} refused), last "
+        f"{'-' if secs is None else f'{secs * 1000:.1f} ms'}, {k.get('flows_cut', 0)} flows cut",
+        f"  last error: {k.get('last_error') or k.get('service_last_error') or '-'}",
+    ]
+    if kernel.get("present") is False:
+        lines.append("  (no table in the kernel)")
+    rows = []
+    for mac, v in sorted((kernel.get("vnics") or {}).items()):
+        c = v.get("counters") or {}
+        rules = v.get("rules") or {}
+        rows.append(
+            [
+                mac,
+                v.get("port") or "-",
+                " ".join(f"{name}:{n}" for name, n in rules.items()),
+                f"{v.get('sets', 0)}/{v.get('set_elements', 0)}",
+                c.get("in_drop_rule", 0) + c.get("in_drop_default", 0),
+                c.get("out_drop_rule", 0),
+                c.get("in_pass_rule", 0),
+            ]
+        )
+    if rows:
+        lines += [
+            "",
+            table(
+                ["VNIC", "PORT", "CHAINS:RULES", "SETS/ELEMS", "DROP IN", "DROP OUT", "ALLOW IN"],
+                rows,
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -161,6 +204,7 @@ def render(command: str, result: Any) -> str:
             f"id:      {result['id']}",
             f"vnetid:  {result['vnetid']}",
             f"search:  {result['search']} ({result['mode']})",
+            *([f"backend: {result['backend']}"] if result.get("backend") else []),
             f"state:   {result['state']}",
             f"status:  {_status(result)}"
             + (f" ({result['reason']})" if result.get("reason") else ""),
@@ -210,7 +254,10 @@ def render(command: str, result: Any) -> str:
     if command == "vnic list":
         return table(["VNIC", "VLAN", "TAP"], [[v["mac"], v["vlan_id"], v["tap"]] for v in result])
     if command == "vnic add":
-        return f"added VNIC {result['mac']} (vlan {result['vlan_id']})"
+        text = f"added VNIC {result['mac']} (vlan {result['vlan_id']})"
+        if result.get("ifname"):  # the link to move into the tenant (veth end or TAP)
+            text += f"; tenant link {result['ifname']}"
+        return text
     if command == "plugins":
         rows = []
         for name, info in result.items():
@@ -230,8 +277,52 @@ def render(command: str, result: Any) -> str:
                 )
         return table(["PLUGIN", "MODE", "PROPERTY", "TYPE", "REQUIRED", "DEFAULT", "LIVE"], rows)
     if command == "ping":
-        return "\n".join(f"{k}: {v}" for k, v in result.items())
+        return render_info(result)
     return ""
+
+
+def format_duration(seconds: float) -> str:
+    """``11.8 s``, ``3 min 7 s``, ``2 h 05 min``, ``3 d 4 h``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def _plain(value: Any) -> str:
+    """A value as an operator reads it: lists joined, None as '-', no Python reprs."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ", ".join(_plain(v) for v in value) if value else "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_plain(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def render_info(info: dict[str, Any]) -> str:
+    """``varpdadm ping``: one ``key: value`` line per field, units spelled out."""
+    rows: list[tuple[str, str]] = []
+    for key, value in info.items():
+        if key == "uptime" and isinstance(value, int | float):
+            rows.append(("uptime", format_duration(float(value))))
+        elif key == "moved_aside":
+            files = value or []
+            rows.append(("moved aside", f"{len(files)} state file(s)" if files else "none"))
+        else:
+            rows.append((key.replace("_", " "), _plain(value)))
+    width = max((len(k) for k, _ in rows), default=0) + 1
+    lines = [f"{(k + ':').ljust(width)} {v}" for k, v in rows]
+    for item in info.get("moved_aside") or []:
+        if isinstance(item, dict):
+            lines.append(f"  {item.get('file')}: {item.get('reason')}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- parsing
@@ -354,13 +445,29 @@ def main(argv: list[str] | None = None) -> int:
     except AdmError as exc:
         print(f"varpdadm: {exc}", file=sys.stderr)
         return 1
-    if as_json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    else:
-        text = render(display, result)
-        if text:
-            print(text)
+    try:
+        if as_json:
+            print(json.dumps(result, indent=2, sort_keys=True))
+        else:
+            text = render(display, result)
+            if text:
+                print(text)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at exit
+    except BrokenPipeError:
+        return closed_pipe_exit()
     return 0
+
+
+def closed_pipe_exit() -> int:
+    """stdout's reader went away (``varpdadm ... | head``): exit quietly, as a tool killed by
+    SIGPIPE would (status 141), without a traceback or a flush error at interpreter exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Top-level keys (all optional; defaults in brackets):
     portolan_api    http(s) URL of portolan's API; when set (cn_uuid required), varpd long-polls
                     GET {portolan_api}/firewalls/cns/{cn_uuid}/policy and enforces it [none]
     portolan_api_token  bearer token sent to the API (GETs do not need one) [none]
-    backend         default data-path backend of the devices: "memory" | "udp" [memory]
+    backend         default data-path backend of the devices: "memory" | "udp" | "linux"
+                    [memory]; linux = the kernel's vxlan/bridge/veth (varpd/linux)
     lookup_workers  number of lookup worker tasks [2 * CPUs + 1]
     lookup_timeout  seconds a plugin may take over one lookup before it is dropped [60]
     log_level       DEBUG | INFO | WARNING | ERROR [INFO]
@@ -37,18 +38,29 @@ Top-level keys (all optional; defaults in brackets):
     name            link name (letters, digits, _ . -; starts with a letter; <= 31 chars)
     vnetid          0..16777215
     mtu             576..8900 [1400]
-    backend         "memory" | "udp" [top-level backend]; all devices of one daemon share one
+    backend         "memory" | "udp" | "linux" [top-level backend]; all devices of one
+                    daemon share one
     search          search plugin: direct | files | svp
-    props           table: "<search>/..." properties go to the plugin (validated here),
-                    every other key (vxlan/listen_ip, vxlan/listen_port, ...) to the device
+    props           table: "<search>/..." properties go to the plugin, every other key
+                    (vxlan/listen_ip, vxlan/listen_port, ...) to the device. Both halves are
+                    validated here, so ``check-config`` and ``run`` refuse the same files: an
+                    unknown property, a bad value, or a required one left unset (the
+                    plugin's required properties without a default, and the encapsulation's
+                    vxlan/listen_ip) is an error naming ``device[N].props."KEY"``.
 
     [[device.vnic]] a local VNIC on that device
     mac             the VNIC's MAC
     vlan_id         0..4094 [0]
     tap             TAP device name (udp backend) [none]
+    ifname          the same key under the linux backend's name: the tenant end of the
+                    VNIC's veth pair [pvt<hash>]; give tap or ifname, not both
 
 Unknown keys are refused, as are wrong types and values; every error names the key path, e.g.
 ``device[0].vnic[1].mac: invalid MAC address 'zz'``.
+
+Device properties are pluggable: `ENCAP_PROPS` holds the properties every device of an
+encapsulation has (the shim's), and a data-path backend that adds its own registers them with
+`register_backend_props` (looked up by the device's ``backend``).
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ import os
 import re
 import tomllib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +81,7 @@ from protocol.vxlan import VNI_MAX as VNETID_MAX
 DEFAULT_STATE_DIR = "/var/lib/varpd"
 DEFAULT_CONTROL_SOCKET = "/var/run/varpd/varpd.sock"
 DEFAULT_METRICS = "127.0.0.1:9339"
-BACKENDS = ("memory", "udp")
+BACKENDS = ("memory", "udp", "linux")
 # Copies of varpd.shim.device's MTU bounds and varpd.firewall.conntrack.DEFAULT_MAX_FLOWS:
 # importing those would pull trio and httpx into varpdadm, which reads DEFAULT_CONTROL_SOCKET.
 MTU_MIN, MTU_MAX, MTU_DEFAULT = 576, 8900, 1400
@@ -92,6 +105,84 @@ SVP_KEYS: dict[str, tuple[str, float, float, bool]] = {
     "degrade_after": ("int", 0, 1000, True),
     "version": ("int", 1, 2, True),
 }
+
+
+@dataclass(frozen=True)
+class DevicePropSpec:
+    """One device (not plugin) property: ``check(value)`` raises ValueError with the reason."""
+
+    name: str
+    check: Callable[[object], None]
+    required: bool = False
+
+
+def _check_listen_ip(value: object) -> None:
+    from varpd.shim.device import validate_listen_ip  # lazily: the shim imports trio
+    from varpd.shim.types import ShimError
+
+    try:
+        validate_listen_ip(value)
+    except ShimError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _check_port(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a port number 1..65535, got {value!r}")
+    text = str(value).strip()
+    if not text.isdecimal() or not text.isascii() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"expected a port number 1..65535, got {value!r}")
+
+
+#: encapsulation -> the properties each of its devices has (varpd/shim/device.py's, minus
+#: mtu, which has its own key, and the read-only vnetid/encap/varpd/id)
+ENCAP_PROPS: dict[str, tuple[DevicePropSpec, ...]] = {
+    "vxlan": (
+        DevicePropSpec("vxlan/listen_ip", _check_listen_ip, required=True),
+        DevicePropSpec("vxlan/listen_port", _check_port),
+    ),
+}
+#: backend -> extra device properties it understands (see `register_backend_props`)
+BACKEND_PROPS: dict[str, tuple[DevicePropSpec, ...]] = {}
+
+
+def register_backend_props(backend: str, specs: tuple[DevicePropSpec, ...]) -> None:
+    """Declare the device properties a data-path backend adds to its encapsulation's."""
+    BACKEND_PROPS[backend] = tuple(specs)
+
+
+def device_prop_specs(backend: str, encap: str = "vxlan") -> dict[str, DevicePropSpec]:
+    specs = [*ENCAP_PROPS.get(encap, ()), *BACKEND_PROPS.get(backend, ())]
+    return {spec.name: spec for spec in specs}
+
+
+def prop_path(path: str, key: str) -> str:
+    """``device[0].props."vxlan/listen_ip"``: property names carry '/', so they are quoted."""
+    return f'{path}."{key}"'
+
+
+def validate_device_props(
+    backend: str, props: dict[str, object], path: str, encap: str = "vxlan", *, require: bool = True
+) -> dict[str, object]:
+    """Check device properties against the encapsulation and the backend (values unchanged);
+    with ``require``, the required ones must be given."""
+    specs = device_prop_specs(backend, encap)
+    for key, value in props.items():
+        spec = specs.get(key)
+        if spec is None:
+            raise ConfigError(
+                prop_path(path, key), f"unknown property; known: {', '.join(sorted(specs))}"
+            )
+        try:
+            spec.check(value)
+        except ValueError as exc:
+            raise ConfigError(prop_path(path, key), str(exc)) from None
+    for name, spec in specs.items():
+        if require and spec.required and name not in props:
+            raise ConfigError(
+                prop_path(path, name), f"missing required property of the {encap} encapsulation"
+            )
+    return dict(props)
 
 
 def default_workers() -> int:
@@ -198,7 +289,7 @@ def _unknown(d: dict[str, Any], allowed: set[str], prefix: str) -> None:
 def parse_vnic(d: object, path: str) -> VnicConfig:
     if not isinstance(d, dict):
         raise ConfigError(path, "expected a table")
-    _unknown(d, {"mac", "vlan_id", "vlan", "tap"}, path)
+    _unknown(d, {"mac", "vlan_id", "vlan", "tap", "ifname"}, path)
     if "mac" not in d:
         raise ConfigError(f"{path}.mac", "missing required key")
     mac_text = _typed(d, "mac", f"{path}.mac", str)
@@ -213,8 +304,11 @@ def parse_vnic(d: object, path: str) -> VnicConfig:
             if not 0 <= vlan <= 4094:
                 raise ConfigError(f"{path}.{vkey}", f"{vlan} is out of range 0..4094")
     tap = None
-    if "tap" in d:
-        tap = _typed(d, "tap", f"{path}.tap", str) or None
+    if "tap" in d and "ifname" in d:
+        raise ConfigError(f"{path}.ifname", "give tap or ifname, not both (they are one key)")
+    for tkey in ("tap", "ifname"):
+        if tkey in d:
+            tap = _typed(d, tkey, f"{path}.{tkey}", str) or None
     return VnicConfig(mac, vlan, tap)
 
 
@@ -229,8 +323,11 @@ def split_props(
     return plugin, device
 
 
-def validate_plugin_props(search: str, props: dict[str, object], path: str) -> dict[str, object]:
-    """Validate ``<search>/...`` props against the plugin's specs (if it can be loaded)."""
+def validate_plugin_props(
+    search: str, props: dict[str, object], path: str, *, require: bool = True
+) -> dict[str, object]:
+    """Validate ``<search>/...`` props against the plugin's specs; with ``require``, the
+    plugin's required properties that have no default must be given."""
     from varpd.plugins import PLUGINS
     from varpd.plugins.base import PropError
 
@@ -245,11 +342,19 @@ def validate_plugin_props(search: str, props: dict[str, object], path: str) -> d
     for key, value in props.items():
         spec = cls.prop_spec(key)
         if spec is None:
-            raise ConfigError(f"{path}.{key}", f"{search} has no property {key}")
+            known = ", ".join(s.name for s in cls.props) or "none"
+            raise ConfigError(prop_path(path, key), f"unknown property; known: {known}")
         try:
             out[key] = spec.validate(value)
         except PropError as exc:
-            raise ConfigError(f"{path}.{key}", exc.message) from None
+            raise ConfigError(prop_path(path, key), exc.message) from None
+    if require:
+        for spec in cls.props:
+            if spec.required and spec.default is None and spec.name not in out:
+                raise ConfigError(
+                    prop_path(path, spec.name),
+                    f"missing required property of search plugin {search}",
+                )
     return out
 
 
@@ -282,8 +387,12 @@ def parse_device(d: object, path: str, default_backend: str) -> DeviceConfig:
     props = _typed(d, "props", f"{path}.props", dict) if "props" in d else {}
     plugin_raw, device_props = split_props(search, props)
     if "mtu" in device_props:
-        raise ConfigError(f"{path}.props.mtu", "set mtu with the device's mtu key")
-    plugin_props = validate_plugin_props(search, plugin_raw, f"{path}.props")
+        raise ConfigError(prop_path(f"{path}.props", "mtu"), "set mtu with the device's mtu key")
+    # unknown and bad values first (either half), then what is missing
+    plugin_props = validate_plugin_props(search, plugin_raw, f"{path}.props", require=False)
+    validate_device_props(backend, device_props, f"{path}.props", require=False)
+    validate_plugin_props(search, plugin_raw, f"{path}.props")
+    validate_device_props(backend, device_props, f"{path}.props")
     vnics_raw = _typed(d, "vnic", f"{path}.vnic", list) if "vnic" in d else []
     vnics = tuple(parse_vnic(v, f"{path}.vnic[{i}]") for i, v in enumerate(vnics_raw))
     seen: set[str] = set()

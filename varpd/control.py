@@ -21,6 +21,13 @@ Errors are replies ``{ok: false, error: {code, message, field}}`` with codes ``b
 ``unsupported``, ``plugin_error``, ``internal``. A frame that is not a control message closes
 the connection. The socket file is created mode 0660 (its folder 0755 if varpd makes it); a
 stale file is replaced, a live one (another varpd answers on it) is refused.
+
+Bounds: at most `MAX_CONNECTIONS` connections are served at once (one more is accepted and
+closed straight away), and a connection that has not delivered a whole request within
+`IDLE_TIMEOUT` seconds of opening or of its previous reply is closed. With the decoder's 1 MiB
+frame limit, that bounds what clients can make varpd hold (64 MiB) and for how long (30 s).
+Closed connections are counted in ``varpd_control_connections_closed{reason}`` (``limit``,
+``idle``, ``protocol``) and logged at most once a minute per reason.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ if TYPE_CHECKING:
     from varpd.daemon import Varpd
 
 log = logging.getLogger("varpd.control")
+
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 30.0
+_LOG_EVERY = 60.0
 
 Handler = Callable[["Varpd", dict[str, Any]], Awaitable[Any]]
 
@@ -154,6 +165,11 @@ async def _plugins(v: Varpd, a: dict[str, Any]) -> Any:
 
 
 async def _firewall(v: Varpd, a: dict[str, Any]) -> Any:
+    if v.kernel_firewall is not None:
+        try:
+            await v.kernel_firewall.read_now()
+        except Exception as exc:  # noqa: BLE001 - the last counters read are still shown
+            log.warning("kernel firewall counters: %s", exc)
     return v.firewall_status()
 
 
@@ -193,18 +209,64 @@ async def dispatch(varpd: Varpd, req: Request) -> Reply:
     return Reply(req.id, True, result)
 
 
-async def handle_connection(varpd: Varpd, stream: trio.SocketStream) -> None:
+class _Closures:
+    """Counts connections varpd closed on its own (metric + rate-limited log line)."""
+
+    def __init__(self, varpd: Varpd) -> None:
+        self.counts: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+        metrics = getattr(varpd, "metrics", None)
+        self._counter: Any = None
+        if metrics is not None:
+            self._counter = getattr(metrics, "control_closed", None)
+            if self._counter is None:
+                from prometheus_client import Counter
+
+                self._counter = Counter(
+                    "varpd_control_connections_closed",
+                    "Control connections varpd closed: limit, idle or protocol",
+                    ["reason"],
+                    registry=metrics.registry,
+                )
+                metrics.control_closed = self._counter
+
+    def closed(self, reason: str, message: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if self._counter is not None:
+            self._counter.labels(reason=reason).inc()
+        now = trio.current_time()
+        last = self._logged.get(reason)
+        if last is None or now - last >= _LOG_EVERY:
+            self._logged[reason] = now
+            log.warning("control connection closed: %s (%d so far)", message, self.counts[reason])
+
+
+async def handle_connection(
+    varpd: Varpd,
+    stream: trio.SocketStream,
+    idle_timeout: float = IDLE_TIMEOUT,
+    closures: _Closures | None = None,
+) -> None:
     decoder = Decoder()
+    closures = closures or _Closures(varpd)
     try:
         while True:
-            data = await stream.receive_some(65536)
-            if not data:
+            msg = None
+            with trio.move_on_after(idle_timeout):
+                while msg is None:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    decoder.receive_data(data)
+                    msg = decoder.next_message()
+            if msg is None:
+                closures.closed(
+                    "idle",
+                    f"no whole request within {idle_timeout:g} s "
+                    f"({decoder.buffered} bytes pending)",
+                )
                 return
-            decoder.receive_data(data)
-            while True:
-                msg = decoder.next_message()
-                if msg is None:
-                    break
+            while msg is not None:
                 if not isinstance(msg, Request):
                     raise ControlProtocolError("clients send requests, not replies")
                 reply = await dispatch(varpd, msg)
@@ -215,9 +277,14 @@ async def handle_connection(varpd: Varpd, stream: trio.SocketStream) -> None:
                     frame = encode_reply(
                         Reply(msg.id, False, error=ErrorInfo("internal", str(exc)))
                     )
-                await stream.send_all(frame)
+                with trio.move_on_after(idle_timeout) as sending:
+                    await stream.send_all(frame)
+                if sending.cancelled_caught:
+                    closures.closed("idle", f"reply not read within {idle_timeout:g} s")
+                    return
+                msg = decoder.next_message()
     except ControlProtocolError as exc:
-        log.warning("control connection closed: %s", exc)
+        closures.closed("protocol", str(exc))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
@@ -248,9 +315,17 @@ async def check_control_socket(path: str) -> None:
 
 
 async def serve_control(
-    varpd: Varpd, path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    varpd: Varpd,
+    path: str,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    idle_timeout: float = IDLE_TIMEOUT,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on the Unix socket ``path`` until cancelled; ``started`` with the path."""
+    """Listen on the Unix socket ``path`` until cancelled; ``started`` with the path.
+
+    At most ``max_connections`` are served at once; each must send a whole request within
+    ``idle_timeout`` seconds (see the module docstring)."""
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
         os.makedirs(folder, mode=0o755, exist_ok=True)
@@ -266,13 +341,32 @@ async def serve_control(
         sock.close()
         raise
     listener = trio.SocketListener(sock)
+    closures = _Closures(varpd)
+    active = 0
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal active
+        try:
+            await handle_connection(varpd, stream, idle_timeout, closures)
+        finally:
+            active -= 1
+
     try:
         task_status.started(path)
-
-        async def handler(stream: trio.SocketStream) -> None:
-            await handle_connection(varpd, stream)
-
-        await trio.serve_listeners(handler, [listener])
+        async with listener, trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: wait, do not spin
+                    log.error("control socket accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                if active >= max_connections:
+                    closures.closed("limit", f"{max_connections} connections already open")
+                    await trio.aclose_forcefully(stream)
+                    continue
+                active += 1
+                nursery.start_soon(handler, stream)
     finally:
         with contextlib.suppress(OSError):
             if os.path.exists(path):

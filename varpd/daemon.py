@@ -198,6 +198,7 @@ class Varpd:
         self.shared: dict[str, Any] = {}
         self.instances: dict[str, Instance] = {}
         self._by_id: dict[int, Instance] = {}
+        self._by_vnet: dict[int, Instance] = {}
         self._driver = driver
         self._underlay = underlay
         self._nursery: trio.Nursery | None = None
@@ -227,7 +228,10 @@ class Varpd:
             )
         # engine verdict counters of VNICs that left the policy (keeps the totals monotonic)
         self.firewall_retired: dict[str, int] = {}
+        # backend linux: the policy is enforced by nftables (varpd/firewall/kernel)
+        self.kernel_firewall: Any = None
         self.metrics.registry.register(ShimCollector(lambda: self._driver))
+        self._gauge_functions()
         self.metrics.registry.register(FirewallCollector(self))
 
     # ------------------------------------------------------------------ plumbing
@@ -247,6 +251,12 @@ class Varpd:
     def _make_driver(self) -> Any:
         from varpd.shim import OverlayDriver
 
+        if self.config.backend == "linux":
+            try:
+                from varpd.linux import LinuxDriver
+            except ImportError as exc:
+                raise StartupError(f"the linux backend is not available: {exc}") from exc
+            return LinuxDriver()
         if self.config.backend == "udp":
             try:
                 from varpd.shim.udp import UdpBackend
@@ -283,20 +293,42 @@ class Varpd:
                     self._driver = self._make_driver()
                 if not getattr(self._driver, "is_running", True):
                     await nursery.start(self._driver.run)
+                if self.fetcher is not None and hasattr(self._driver, "add_vnic_listener"):
+                    await self._start_kernel_firewall(nursery)
                 for _ in range(self.config.lookup_workers):
                     nursery.start_soon(self._lookup_worker)
                 await self._restore()
                 await self._create_config_devices()
+                finish = getattr(self._driver, "finish_startup", None)
+                if finish is not None:  # linux: delete VNIC links no instance re-adopted
+                    await finish()
                 if self.fetcher is not None:
                     await nursery.start(self.fetcher.run)
                     nursery.start_soon(self._firewall_sweeper)
                 addr = self.config.metrics_address
                 if addr is not None:
-                    self.metrics_address = await nursery.start(serve_metrics, self.metrics, *addr)
+                    try:
+                        self.metrics_address = await nursery.start(
+                            serve_metrics, self.metrics, *addr
+                        )
+                    except OSError as exc:
+                        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+                        raise StartupError(
+                            f"metrics listener (config key metrics) {host}:{addr[1]}: "
+                            f"{exc.strerror or exc}"
+                        ) from exc
                 if self.config.control_socket:
-                    self.control_path = await nursery.start(
-                        serve_control, self, self.config.control_socket
-                    )
+                    try:
+                        self.control_path = await nursery.start(
+                            serve_control, self, self.config.control_socket
+                        )
+                    except OSError as exc:
+                        if not exc.strerror:  # our own message (in use, not a socket)
+                            raise StartupError(str(exc)) from exc
+                        raise StartupError(
+                            f"control socket (config key control_socket) "
+                            f"{self.config.control_socket}: {exc.strerror}"
+                        ) from exc
                 log.info("varpd ready: %d instance(s)", len(self.instances))
                 task_status.started(self)
                 await trio.sleep_forever()
@@ -308,9 +340,23 @@ class Varpd:
 
     # ------------------------------------------------------------------ firewall
 
+    async def _start_kernel_firewall(self, nursery: trio.Nursery) -> None:
+        """Backend linux: nftables enforces the policy; VNIC ports come from the driver."""
+        from varpd.firewall.kernel import NftError
+        from varpd.firewall.kernel.service import KernelFirewallService
+
+        try:
+            self.kernel_firewall = KernelFirewallService()
+        except NftError as exc:  # no libnftables and no nft: refuse rather than run open
+            raise StartupError(f"the firewall needs nftables on the linux backend: {exc}") from exc
+        self._driver.add_vnic_listener(self.kernel_firewall.vnic_event)
+        await nursery.start(self.kernel_firewall.run)
+
     def _apply_policy(self, policy: Policy) -> None:
         """The fetcher's ``apply``: install a whole policy (a full resync every time), then
         every bound VNIC's ``filter`` is its new firewall or None. Never awaits."""
+        if self.kernel_firewall is not None:
+            self.kernel_firewall.submit(policy)  # applied by its task, in a worker thread
         before = self.firewall.firewalls
         self.firewall.apply(policy)
         after = self.firewall.firewalls
@@ -376,26 +422,42 @@ class Varpd:
             status["last_error"] = None
         rows: list[dict[str, object]] = []
         local: set[bytes] = set()
+        kernel = self.kernel_firewall
         for inst in sorted(self.instances.values(), key=lambda i: i.varpd_id):
             for entry in inst.vnics.values():
                 local.add(entry.mac)
                 fw = self._vnic_firewall(entry)
                 vnic = entry.vnic
-                counters = getattr(vnic, "counters", {}) if vnic is not None else {}
+                mac = format_mac(entry.mac)
+                if kernel is not None:  # linux backend: nftables filters, the nft counters count
+                    kc = kernel.counters.get(mac)
+                    filtered = kc is not None
+                    blocked_in = (
+                        0
+                        if kc is None
+                        else kc.get("in_drop_rule", 0) + kc.get("in_drop_default", 0)
+                    )
+                    blocked_out = 0 if kc is None else kc.get("out_drop_rule", 0)
+                else:
+                    counters = getattr(vnic, "counters", {}) if vnic is not None else {}
+                    filtered = vnic is not None and vnic.filter is not None
+                    blocked_in = counters.get("filter_drop_in", 0)
+                    blocked_out = counters.get("filter_drop_out", 0)
                 rows.append(
                     {
-                        "mac": format_mac(entry.mac),
+                        "mac": mac,
                         "device": inst.device,
-                        "filtered": vnic is not None and vnic.filter is not None,
+                        "filtered": filtered,
                         "rules": None if fw is None else fw["rules"],
                         "rules_in": None if fw is None else fw["rules_in"],
                         "rules_out": None if fw is None else fw["rules_out"],
                         "flows": None if fw is None else fw["flows"],
-                        "blocked_in": counters.get("filter_drop_in", 0),
-                        "blocked_out": counters.get("filter_drop_out", 0),
+                        "blocked_in": blocked_in,
+                        "blocked_out": blocked_out,
                     }
                 )
         status["vnics"] = rows
+        status["kernel"] = None if self.kernel_firewall is None else self.kernel_firewall.status()
         # policy entries for VNICs this varpd does not have (moved away, not added yet)
         status["policy_only"] = sorted(
             format_mac(mac) for mac in self.firewall.firewalls if mac not in local
@@ -403,11 +465,21 @@ class Varpd:
         return status
 
     def _update_gauges(self) -> None:
-        degraded = sum(1 for i in self.instances.values() if i.summary()["degraded"])
-        self.metrics.degraded_instances.set(degraded)
-        active = sum(1 for i in self.instances.values() if i.state == ACTIVE)
-        self.metrics.instances.labels(state="active").set(active)
-        self.metrics.instances.labels(state="created").set(len(self.instances) - active)
+        """The instance gauges are computed at scrape time (`_gauge_functions`): counting here,
+        on every change of every instance, made restore quadratic in the instance count."""
+
+    def _gauge_functions(self) -> None:
+        def degraded() -> int:
+            return sum(1 for i in list(self.instances.values()) if i.summary()["degraded"])
+
+        def active() -> int:
+            return sum(1 for i in list(self.instances.values()) if i.state == ACTIVE)
+
+        self.metrics.degraded_instances.set_function(degraded)
+        self.metrics.instances.labels(state="active").set_function(active)
+        self.metrics.instances.labels(state="created").set_function(
+            lambda: len(self.instances) - active()
+        )
 
     # ------------------------------------------------------------------ lookups
 
@@ -523,7 +595,7 @@ class Varpd:
                 self.moved_aside.append((str(file), exc.message))
                 continue
             try:
-                await self._activate(inst)
+                await self._activate(inst, stored=rec)
             except VarpdError as exc:
                 inst.set_failure(f"restore failed: {exc.message}")
                 log.error("instance %s restored but not activated: %s", rec.name, exc.message)
@@ -630,11 +702,11 @@ class Varpd:
             raise VarpdError("exists", f"overlay device {name} already exists", "name")
         vnetid = _int_arg(vnetid, "vnetid", 0, VNETID_MAX)
         mtu = MTU_DEFAULT if mtu is None else _int_arg(mtu, "mtu", MTU_MIN, MTU_MAX)
-        for other in self.instances.values():
-            if other.vnet_id == vnetid:
-                raise VarpdError(
-                    "exists", f"vnetid {vnetid} is already used by {other.device}", "vnetid"
-                )
+        other = self._by_vnet.get(vnetid)
+        if other is not None:
+            raise VarpdError(
+                "exists", f"vnetid {vnetid} is already used by {other.device}", "vnetid"
+            )
         if not isinstance(search, str):
             raise VarpdError("invalid", "search must be a plugin name", "search")
         try:
@@ -675,16 +747,18 @@ class Varpd:
                 self._set_device_prop(name, key, value)
             inst.device_props = dict(device_props)
             for entry in vnic_entries:
-                self._add_vnic(inst, entry)
+                await self._add_vnic(inst, entry)
         except BaseException:
             for added in list(inst.vnics.values()):
-                self._remove_vnic(inst, added)
+                with trio.CancelScope(shield=True):
+                    await self._remove_vnic(inst, added)
             with contextlib.suppress(ShimError), trio.CancelScope(shield=True):
                 await self.driver.delete_device(name)
             raise
         inst.props.update(plugin_values)
         self.instances[name] = inst
         self._by_id[inst.varpd_id] = inst
+        self._by_vnet[inst.vnet_id] = inst
         self._next_id = max(self._next_id, inst.varpd_id + 1)
         self._update_gauges()
         return inst
@@ -698,7 +772,7 @@ class Varpd:
                 raise VarpdError("exists", f"VNIC {format_mac(mac)} is listed twice", "mac")
             seen.add(mac)
             vlan = _int_arg(v.get("vlan_id", 0) or 0, "vlan", 0, 4094)
-            tap = v.get("tap") or None
+            tap = v.get("tap") or v.get("ifname") or None  # ifname: the linux backend's word
             if tap is not None and not isinstance(tap, str):
                 raise VarpdError("invalid", "tap must be a device name", "tap")
             out.append(VnicEntry(mac, vlan, tap))
@@ -710,7 +784,16 @@ class Varpd:
         except ShimError as exc:
             raise shim_error(exc, prop, prop) from None
 
-    def _add_vnic(self, inst: Instance, entry: VnicEntry) -> None:
+    async def _add_vnic(self, inst: Instance, entry: VnicEntry) -> None:
+        add_async = getattr(self.driver, "add_vnic_async", None)
+        if add_async is not None:  # linux: a veth pair, created in a worker thread
+            try:
+                entry.vnic = await add_async(inst.device, entry.mac, entry.vlan, entry.tap)
+            except ShimError as exc:
+                raise shim_error(exc, "mac", f"VNIC {format_mac(entry.mac)}") from None
+            inst.vnics[entry.mac] = entry
+            self.firewall.bind(entry.vnic)
+            return
         port = None
         if entry.tap is not None:
             backend = getattr(self.driver, "backend", None)
@@ -730,15 +813,24 @@ class Varpd:
         inst.vnics[entry.mac] = entry
         self.firewall.bind(entry.vnic)
 
-    def _remove_vnic(self, inst: Instance, entry: VnicEntry) -> None:
+    async def _remove_vnic(self, inst: Instance, entry: VnicEntry) -> None:
         """Best-effort removal (unbinds the firewall first); errors are ignored."""
         if entry.vnic is not None:
             self.firewall.unbind(entry.vnic)
         with contextlib.suppress(ShimError):
-            self.driver.remove_vnic(inst.device, entry.mac)
+            await self._driver_remove_vnic(inst.device, entry.mac)
         inst.vnics.pop(entry.mac, None)
 
-    async def _activate(self, inst: Instance) -> None:
+    async def _driver_remove_vnic(self, device: str, mac: bytes) -> None:
+        remove_async = getattr(self.driver, "remove_vnic_async", None)
+        if remove_async is not None:
+            await remove_async(device, mac)
+        else:
+            self.driver.remove_vnic(device, mac)
+
+    async def _activate(self, inst: Instance, stored: InstanceRecord | None = None) -> None:
+        """Activate; ``stored`` is the record restore read (not written again if unchanged:
+        one fsync'd write per instance made start-up slow with many instances)."""
         if inst.state == ACTIVE:
             raise VarpdError("exists", f"{inst.device} is already active", "name")
         try:
@@ -754,8 +846,9 @@ class Varpd:
         await inst.start()
         steps_done = []
         try:
-            await self._persist(inst)
-            steps_done.append("persist")
+            if stored is None or inst.record() != stored:
+                await self._persist(inst)
+                steps_done.append("persist")
             inst.associate()
             steps_done.append("associate")
             if self.driver.status(inst.device).state != "activated":
@@ -840,7 +933,7 @@ class Varpd:
             inst = self._get(name)
             await inst.stop()
             for entry in list(inst.vnics.values()):
-                self._remove_vnic(inst, entry)
+                await self._remove_vnic(inst, entry)
             with contextlib.suppress(ShimError):
                 self.driver.disassociate(name)
             try:
@@ -850,6 +943,7 @@ class Varpd:
             await self._unpersist(name)
             del self.instances[name]
             self._by_id.pop(inst.varpd_id, None)
+            self._by_vnet.pop(inst.vnet_id, None)
             self._update_gauges()
             log.info("deleted %s", name)
 
@@ -861,6 +955,7 @@ class Varpd:
     def show(self, name: str) -> dict[str, object]:
         inst = self._get(name)
         out = inst.detail()
+        out["backend"] = self.config.backend
         out["firewall"] = {
             "enabled": self.fetcher is not None,
             "state": self.fetcher.state if self.fetcher is not None else "disabled",
@@ -951,14 +1046,22 @@ class Varpd:
                 raise VarpdError(
                     "exists", f"VNIC {format_mac(entry.mac)} is already on {name}", "mac"
                 )
-            self._add_vnic(inst, entry)
+            await self._add_vnic(inst, entry)
             if inst.state == ACTIVE:
                 try:
                     await self._persist(inst)
                 except VarpdError:
-                    self._remove_vnic(inst, entry)
+                    await self._remove_vnic(inst, entry)
                     raise
-            return entry.to_json()
+            out = entry.to_json()
+            # the link the orchestrator moves into the tenant: the veth's tenant end (linux)
+            # or the TAP (udp); None on the memory backend
+            vnic = entry.vnic
+            out["ifname"] = getattr(vnic, "tenant_ifname", None) or getattr(
+                getattr(vnic, "port", None), "name", None
+            )
+            out["backend"] = self.config.backend
+            return out
 
     async def vnic_remove(self, name: str, mac: str) -> None:
         async with self._lock:
@@ -967,7 +1070,7 @@ class Varpd:
             if raw not in inst.vnics:
                 raise VarpdError("not_found", f"no VNIC {format_mac(raw)} on {name}", "mac")
             try:
-                self.driver.remove_vnic(name, raw)
+                await self._driver_remove_vnic(name, raw)
             except ShimError as exc:
                 raise shim_error(exc, "mac") from None
             entry = inst.vnics.pop(raw)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one varpd, and the tiny trio HTTP responder that serves them.
+"""Prometheus metrics of one varpd (served over HTTP by the shared `httpmetrics`).
 
 Every `Varpd` owns one `VarpdMetrics`, which owns its own `CollectorRegistry`, so several
 daemons can share a process (the demo, the tests). Plugins reach it as ``host.metrics``:
@@ -46,13 +46,16 @@ calls prometheus_client; it only bumps plain ints in dicts):
   ``varpd_firewall_flows_dropped_by_policy_total``,
   ``varpd_firewall_packets_total{direction=in|out, action=blocked}`` (the shim's filter
   drops; passes are not counted per direction, so only ``blocked`` is exported: see
-  ``varpd_firewall_verdicts_total``), ``varpd_firewall_verdicts_total{verdict}`` (the engine's
-  reasons: pass_state, pass_rule, pass_default, drop_rule, drop_default, ...),
+  ``varpd_firewall_verdicts_total``; on the linux backend instead the kernel firewall's nft
+  counters ``{vnic, direction, verdict}``, see ``varpd/firewall/kernel/counters.py``),
+  ``varpd_firewall_verdicts_total{verdict}`` (the engine's reasons: pass_state, pass_rule,
+  pass_default, drop_rule, drop_default, ...),
   ``varpd_firewall_conntrack_events_total{event}`` (created, evicted, expired, flushed) and
   per VNIC ``varpd_firewall_vnic_rules{mac, direction}``, ``varpd_firewall_vnic_flows{mac}``.
 
-The HTTP side answers ``GET /metrics`` (anything else is 404) with `generate_latest`, on a
-trio TCP listener: no threads, one short-lived task per connection.
+The HTTP side is the responder portolan uses too, `httpmetrics.serve_metrics` (re-exported
+here): ``GET``/``HEAD /metrics`` on a trio TCP listener, anything else 404; no threads, one
+short-lived task per connection.
 """
 
 from __future__ import annotations
@@ -61,11 +64,11 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
+from httpmetrics import serve_metrics as serve_metrics
 from protocol.addr import format_mac
 
 log = logging.getLogger("varpd.metrics")
@@ -368,14 +371,18 @@ class FirewallCollector:
             for counters in driver.metrics().get("devices", {}).values():
                 blocked["in"] += counters.get("filter_drop_in", 0)
                 blocked["out"] += counters.get("filter_drop_out", 0)
-        fam = CounterMetricFamily(
-            "varpd_firewall_packets",
-            "Frames the firewall blocked at a VNIC boundary, by direction",
-            labels=["direction", "action"],
-        )
-        for direction, value in blocked.items():
-            fam.add_metric([direction, "blocked"], value)
-        yield fam
+        kernel = getattr(v, "kernel_firewall", None)
+        if kernel is not None:  # backend linux: nft counters {vnic, direction, verdict}
+            yield kernel.packets_metric()
+        else:
+            fam = CounterMetricFamily(
+                "varpd_firewall_packets",
+                "Frames the firewall blocked at a VNIC boundary, by direction",
+                labels=["direction", "action"],
+            )
+            for direction, value in blocked.items():
+                fam.add_metric([direction, "blocked"], value)
+            yield fam
         rules = GaugeMetricFamily(
             "varpd_firewall_vnic_rules",
             "Effective firewall rules of a VNIC, by direction",
@@ -391,61 +398,3 @@ class FirewallCollector:
             rules.add_metric([text, "out"], len(fw.rules) - n_in)
             flows.add_metric([text], len(fw.conntrack))
         yield from (rules, flows)
-
-
-async def _handle_http(stream: trio.abc.Stream, metrics: VarpdMetrics) -> None:
-    try:
-        buf = b""
-        with trio.move_on_after(10):
-            while b"\r\n\r\n" not in buf and len(buf) < 16384:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                buf += chunk
-        request_line = buf.split(b"\r\n", 1)[0].decode("latin-1", "replace").split()
-        if (
-            len(request_line) >= 2
-            and request_line[0] in ("GET", "HEAD")
-            and (request_line[1].split("?", 1)[0] in ("/metrics", "/metrics/"))
-        ):
-            body = metrics.render()
-            status = b"200 OK"
-            ctype = CONTENT_TYPE_LATEST.encode()
-        else:
-            body = b"not found; try /metrics\n"
-            status = b"404 Not Found"
-            ctype = b"text/plain; charset=utf-8"
-        head = (
-            b"HTTP/1.1 "
-            + status
-            + b"\r\nContent-Type: "
-            + ctype
-            + b"\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\nConnection: close\r\n\r\n"
-        )
-        if request_line and request_line[0] == "HEAD":
-            body = b""
-        await stream.send_all(head + body)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        log.debug("metrics connection ended: %s", exc)
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-async def serve_metrics(
-    metrics: VarpdMetrics,
-    host: str,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve /metrics on host:port until cancelled; `started` with the bound (host, port)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    sockname = listeners[0].socket.getsockname()
-    task_status.started((sockname[0], sockname[1]))
-
-    async def handler(stream: trio.abc.Stream) -> None:
-        await _handle_http(stream, metrics)
-
-    await trio.serve_listeners(handler, listeners)

@@ -26,6 +26,9 @@ Every error body is ``{"code", "message", ...}`` (`portolan.api.errors`):
   in the vnet, CN underlay IP taken, overlapping subnet) or ``InUse`` (deleting a CN or network
   that VNICs use), 507 ``SubnetFull``, 503 ``ServiceUnavailable`` (store unreachable): raised
   by the Directory as `portolan.errors` types and forwarded with their ``http_status``.
+- 413 ``PayloadTooLarge`` (a body over ``max_body``, default 1 MiB), 400 ``BadRequest`` (both
+  Content-Length and Transfer-Encoding; the connection is closed) and 422 naming ``body`` or
+  the field for bodies that cannot be parsed or answered (`portolan.api.body`).
 - 401 ``Unauthorized``: with a token configured, every POST/PUT/PATCH/DELETE needs
   ``Authorization: Bearer <token>`` (compared in constant time, `portolan.api.auth`); reads
   stay open. Refusing to serve without a token on a non-loopback address is `portolan serve`'s

@@ -2,8 +2,9 @@
 
 `create_app` builds one FastAPI application around one Directory. The ASGI stack, outermost
 first: Starlette's server-error guard, `RequestMetricsMiddleware` (when a registry is given),
-`BearerTokenMiddleware` (when a token is given), then FastAPI's exception handling and the
-routers of `ROUTERS`.
+`BearerTokenMiddleware` (when a token is given), `BodyGuardMiddleware` (framing, size limit,
+JSON parsed off the trio thread: `portolan.api.body`), then FastAPI's exception handling and
+the routers of `ROUTERS` (built with `ParsedBodyRoute`, so they take the parsed body).
 
 Extension point: a new family of routes is an `APIRouter` added to `ROUTERS` (or passed in
 ``extra_routers``). Routers reach the Directory through ``portolan.api.routes.DirectoryDep``;
@@ -27,6 +28,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from portolan.api.auth import WRITE_METHODS, BearerTokenMiddleware
+from portolan.api.body import DEFAULT_MAX_BODY, BodyGuardMiddleware
 from portolan.api.errors import install_error_handlers
 from portolan.api.routes import cn_router, health_router, network_router, vnic_router
 
@@ -164,11 +166,13 @@ def create_app(
     token: str | None,
     registry: CollectorRegistry | None = None,
     extra_routers: Iterable[APIRouter] = (),
+    max_body: int = DEFAULT_MAX_BODY,
 ) -> FastAPI:
     """The management API for ``directory``.
 
     ``token``: when set, writes need ``Authorization: Bearer <token>``; ``registry``: a
-    prometheus registry to count requests on (for example ``PortolanMetrics.registry``).
+    prometheus registry to count requests on (for example ``PortolanMetrics.registry``);
+    ``max_body``: the largest request body accepted, bytes (larger: 413 PayloadTooLarge).
     """
     app = FastAPI(
         title="Portolan management API",
@@ -185,6 +189,7 @@ def create_app(
         app.include_router(router)
     app.openapi = lambda: _openapi_with_bearer(app, bool(token))  # type: ignore[method-assign]
     # add_middleware wraps what was added before: the last added runs first.
+    app.add_middleware(BodyGuardMiddleware, max_body=max_body)
     if token:
         app.add_middleware(BearerTokenMiddleware, token=token)
     if registry is not None:

@@ -46,7 +46,7 @@ _STATUS_CODES = {
     404: "ResourceNotFound",
     405: "MethodNotAllowed",
     409: "Conflict",
-    413: "RequestTooLarge",
+    413: "PayloadTooLarge",
     415: "UnsupportedMediaType",
     422: "InvalidParameters",
     500: "InternalError",
@@ -134,9 +134,42 @@ def validation_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
+#: routes whose refused requests also get the Directory's field checks (method, template)
+DIRECTORY_CHECKED = {("POST", "/vnics"), ("PUT", "/vnics/{mac}")}
+
+
+async def directory_field_errors(
+    request: Request, exc: RequestValidationError, errs: list[dict[str, str]]
+) -> list[dict[str, str]]:
+    """The Directory's errors for the fields request validation did not already refuse.
+
+    Request validation (pydantic) checks syntax; the Directory checks the rest against the
+    stored state (the network exists, the IP is a host of its subnet and not its gateway).
+    Without this a request with a bad MAC and an IP outside the subnet would learn of the
+    IP only after fixing the MAC; the README promises every bad field at once."""
+    route = getattr(request.scope.get("route"), "path", None)
+    if (request.method, route) not in DIRECTORY_CHECKED:
+        return []
+    body = getattr(exc, "body", None)
+    check = getattr(request.app.state.directory, "vnic_field_errors", None)
+    flagged = {e["field"].split(".", 1)[0] for e in errs}
+    if not isinstance(body, dict) or check is None or "body" in flagged:
+        return []
+    fields = {k: v for k, v in body.items() if isinstance(k, str) and k not in flagged}
+    if route == "/vnics":
+        found = await check(**fields)
+    else:
+        if "mac" in flagged:
+            return []
+        found = await check(request.path_params["mac"], **fields)
+    return [e.to_json() for e in found if e.field.split(".", 1)[0] not in flagged]
+
+
 async def request_validation_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return invalid_parameters(validation_errors(exc.errors()))
+    errs = validation_errors(exc.errors())
+    errs += await directory_field_errors(request, exc, errs)
+    return invalid_parameters(errs)
 
 
 async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:

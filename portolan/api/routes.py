@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from portolan.api import schemas
+from portolan.api.body import ParsedBodyRoute
 from portolan.api.schemas import MacText, UuidText
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -51,7 +52,9 @@ def _objects(items: list[Any]) -> list[dict[str, Any]]:
 
 # -- compute nodes -------------------------------------------------------------------------
 
-cn_router = APIRouter(prefix="/cns", tags=["compute nodes"], responses=ERROR_RESPONSES)
+cn_router = APIRouter(
+    prefix="/cns", tags=["compute nodes"], responses=ERROR_RESPONSES, route_class=ParsedBodyRoute
+)
 
 
 @cn_router.put(
@@ -85,7 +88,9 @@ async def delete_cn(uuid: UuidText, directory: DirectoryDep) -> Response:
 
 # -- networks ------------------------------------------------------------------------------
 
-network_router = APIRouter(prefix="/networks", tags=["networks"], responses=ERROR_RESPONSES)
+network_router = APIRouter(
+    prefix="/networks", tags=["networks"], responses=ERROR_RESPONSES, route_class=ParsedBodyRoute
+)
 
 
 @network_router.post(
@@ -119,7 +124,9 @@ async def delete_network(uuid: UuidText, directory: DirectoryDep) -> Response:
 
 # -- VNICs ---------------------------------------------------------------------------------
 
-vnic_router = APIRouter(prefix="/vnics", tags=["VNICs"], responses=ERROR_RESPONSES)
+vnic_router = APIRouter(
+    prefix="/vnics", tags=["VNICs"], responses=ERROR_RESPONSES, route_class=ParsedBodyRoute
+)
 
 
 class VnicFilters(BaseModel):
@@ -176,7 +183,7 @@ async def delete_vnic(mac: MacText, directory: DirectoryDep) -> Response:
 
 # -- health --------------------------------------------------------------------------------
 
-health_router = APIRouter(tags=["health"])
+health_router = APIRouter(tags=["health"], route_class=ParsedBodyRoute)
 
 
 @health_router.get("/ping", summary="Liveness: the API answers")

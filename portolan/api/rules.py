@@ -29,6 +29,7 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from portolan.api.body import ParsedBodyRoute
 from portolan.api.routes import ERROR_RESPONSES, DirectoryDep
 from portolan.api.schemas import MacText, UuidText
 from portolan.errors import NotFound
@@ -39,7 +40,7 @@ from portolan.firewall.selection import FwRule
 #: longest a policy long-poll is held, whatever ``wait`` asks
 MAX_WAIT = 60.0
 
-router = APIRouter(tags=["firewall"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["firewall"], responses=ERROR_RESPONSES, route_class=ParsedBodyRoute)
 
 
 def policy_service(request: Request) -> PolicyService:

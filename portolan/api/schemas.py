@@ -24,12 +24,18 @@ from portolan.service import VNET_MAX as MAX_VNET_ID
 from protocol.addr import parse_ip, parse_mac
 
 
+def _shown(value: str, limit: int = 64) -> str:
+    """``value`` quoted for an error message, cut to ``limit`` characters (a client's 1 MiB
+    string is not echoed back)."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+
+
 def canonical_uuid(value: str) -> str:
     """Lower-case, hyphenated text of a UUID; ValueError if it is not one."""
     try:
         return str(uuidlib.UUID(value))
     except (ValueError, AttributeError, TypeError):
-        raise ValueError(f"{value!r} is not a UUID") from None
+        raise ValueError(f"{_shown(value)} is not a UUID") from None
 
 
 def canonical_ip(value: str) -> str:
@@ -37,16 +43,16 @@ def canonical_ip(value: str) -> str:
     try:
         return str(parse_ip(value))
     except ValueError:
-        raise ValueError(f"{value!r} is not an IP address") from None
+        raise ValueError(f"{_shown(value)} is not an IP address") from None
 
 
 def canonical_subnet(value: str) -> str:
     if "/" not in value:
-        raise ValueError(f"subnet {value!r} must be in CIDR form (address/prefix length)")
+        raise ValueError(f"subnet {_shown(value)} must be in CIDR form (address/prefix length)")
     try:
         net = ipaddress.ip_network(value, strict=True)
     except ValueError as e:
-        raise ValueError(f"subnet {value!r} is not a valid CIDR network: {e}") from None
+        raise ValueError(f"subnet {_shown(value)} is not a valid CIDR network: {e}") from None
     return str(net)
 
 

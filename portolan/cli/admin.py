@@ -177,16 +177,29 @@ def _emit(args: argparse.Namespace, result: Any, columns: Sequence[tuple[str, st
         out.write(render_object(result) + "\n")
 
 
-def report_error(exc: ApiError, err: TextIO) -> None:
+TOKEN_OPTIONS = "--api-token TOKEN or the PORTOLAN_API_TOKEN environment variable"
+
+
+def report_error(exc: ApiError, err: TextIO, *, token_given: bool = False) -> None:
+    """One line for the error, then one per field error that says something new. A 401 says
+    how a command-line user gives the token (the API's own text speaks HTTP headers)."""
     body = exc.body
     code = body.get("code", "Error")
-    err.write(f"portolan: error: {body.get('message', 'request failed')} ({exc.status} {code})\n")
+    message = str(body.get("message", "request failed"))
+    if exc.status == 401:
+        if token_given:
+            message = f"the API refused the token given with {TOKEN_OPTIONS} ({message})"
+        else:
+            message = f"this API needs a token for writes: give it with {TOKEN_OPTIONS}"
+    err.write(f"portolan: error: {message} ({exc.status} {code})\n")
     for field_error in body.get("errors") or ():
-        if isinstance(field_error, dict):
-            err.write(
-                f"  {field_error.get('field', '?')}: {field_error.get('message', '')}"
-                f" ({field_error.get('code', '')})\n"
-            )
+        if not isinstance(field_error, dict):
+            continue
+        field = str(field_error.get("field", "?"))
+        text = str(field_error.get("message", ""))
+        if text and (text in message or f"{field}: {text}" in message):
+            continue  # the headline already said it
+        err.write(f"  {field}: {text} ({field_error.get('code', '')})\n")
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -319,7 +332,18 @@ def cmd_rule_add(api: ApiClient, args: argparse.Namespace) -> Any:
         body["global"] = True
     _set_if(body, "description", args.description)
     _set_if(body, "uuid", args.uuid)
-    return api.request("POST", "/rules", body=body)
+    try:
+        return api.request("POST", "/rules", body=body)
+    except ApiError as exc:
+        fields = {e.get("field") for e in exc.body.get("errors") or () if isinstance(e, dict)}
+        if not args.owner_uuid and not args.is_global and "owner_uuid" in fields:
+            exc.body = {
+                **exc.body,
+                "message": f"{exc.body.get('message', 'owner_uuid required')}: give "
+                "--owner-uuid UUID (the rule applies to that owner's VNICs), or --global for "
+                "an operator rule that applies to every owner's VNICs",
+            }
+        raise
 
 
 def cmd_rule_list(api: ApiClient, args: argparse.Namespace) -> Any:
@@ -383,7 +407,7 @@ def _runner(command: Command, columns: Sequence[tuple[str, str]]) -> Callable[..
             if args.json:
                 json.dump(exc.body, sys.stdout, indent=2)
                 sys.stdout.write("\n")
-            report_error(exc, sys.stderr)
+            report_error(exc, sys.stderr, token_given=bool(token))
             return 1
         except ApiUnreachable as exc:
             sys.stderr.write(f"portolan: error: {exc}\n")

@@ -3,9 +3,16 @@
 The document is handed to ``Directory.load``, which checks everything before it writes and
 then writes it in one transaction: a refused file leaves the store as it was. Each problem is
 printed as ``field: message`` with the field path inside the document (for example
-``vnics[3].mac: invalid MAC address "zz"``). Exit codes: 0 loaded, 1 refused (bad file, bad
-content, store failure), 2 bad arguments. A file that cannot be read or is not JSON is refused
-before the store is opened.
+``vnics[3].mac: invalid MAC address "zz"``, ``cns[0].prot: unknown key``). Exit codes: 0
+loaded, 1 refused (bad file, bad content, store failure), 2 bad arguments. A file that cannot
+be read or is not JSON is refused before the store is opened; a refused load into a SQLite
+file that did not exist before removes the file it created (no empty database is left).
+
+Entries identical to the stored objects are left alone; entries that would change a stored
+object are refused unless ``--replace`` is given, and then the shootdowns their moves need
+are written (see ``Directory.load``). Documents of ``PROGRESS_MIN_ENTRIES`` entries or more
+get progress lines on stderr (reading, checking, writing in batches, committing); every load
+ends with one summary line on stdout (``--json``: the summary as JSON).
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ import json
 import os
 import re
 import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -22,6 +33,9 @@ import trio
 from portolan.cli.serve import DEFAULT_STORE
 from portolan.errors import Conflict, InvalidParameters, PortolanError
 from portolan.store import check_url, redact_url
+
+#: documents with at least this many entries (CNs + VNICs + routes) get progress lines
+PROGRESS_MIN_ENTRIES = 10_000
 
 
 def register(subparsers: Any) -> None:
@@ -36,6 +50,12 @@ def register(subparsers: Any) -> None:
         "--store",
         default=os.environ.get("PORTOLAN_STORE", DEFAULT_STORE),
         help=f"store URL (default {DEFAULT_STORE})",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace stored CNs, VNICs and routes the document changes (without it such a "
+        "document is refused); shootdowns are written for the moves",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -67,15 +87,77 @@ def read_document(path: str) -> dict[str, Any]:
     return doc
 
 
-async def load_document(store: str, doc: dict[str, Any]) -> dict[str, Any]:
+async def load_document(
+    store: str,
+    doc: dict[str, Any],
+    *,
+    replace: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     from portolan.service import Directory
 
     directory = await Directory.open(store)
     try:
-        return await directory.load(doc)
+        if progress is not None:
+            progress("store opened; checking the document")
+        return await directory.load(doc, replace_existing=replace, progress=progress)
     finally:
         with trio.CancelScope(shield=True):
             await directory.aclose()
+
+
+def new_sqlite_files(store: str) -> list[Path]:
+    """The files a SQLite store URL would create, if its database does not exist yet."""
+    if not store.startswith("sqlite:"):
+        return []
+    path = store[len("sqlite:") :]
+    path = path[2:] if path.startswith("//") else path
+    main = Path(path)
+    if main.exists():
+        return []
+    return [main] + [Path(f"{path}{suffix}") for suffix in ("-wal", "-shm", "-journal")]
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            print(f"portolan load: cannot remove {p}: {exc.strerror or exc}", file=sys.stderr)
+
+
+def _entries(doc: dict[str, Any]) -> int:
+    return sum(len(v) for k in ("cns", "vnics", "routes") if isinstance(v := doc.get(k), list))
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
+def summary_line(summary: dict[str, Any], source: str, store: str) -> str:
+    """``loaded 2 cns, 300,000 vnics and 0 routes from f.json into sqlite:p.db (version 7):
+    300,000 new, 0 replaced, 2 unchanged``."""
+    created = summary.get("created", {})
+    replaced = summary.get("replaced", {})
+    unchanged = summary.get("unchanged", {})
+    what = (
+        f"{_plural(summary.get('cns', 0), 'cn')}, {_plural(summary.get('vnics', 0), 'vnic')} and "
+        f"{_plural(summary.get('routes', 0), 'route')}"
+    )
+    line = f"loaded {what} from {source} into {redact_url(store)}"
+    if "version" in summary:
+        line += f" (version {summary['version']})"
+    if created or replaced or unchanged:
+        line += (
+            f": {sum(created.values()):,} new, {sum(replaced.values()):,} replaced, "
+            f"{sum(unchanged.values()):,} unchanged"
+        )
+    shootdowns = summary.get("shootdowns", 0)
+    if shootdowns:
+        line += f"; {_plural(shootdowns, 'shootdown')} queued"
+    return line
 
 
 _MISSING = object()
@@ -120,14 +202,33 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"portolan load: --store: {exc}; nothing was written", file=sys.stderr)
         return 2
+    started = time.monotonic()
     try:
         doc = read_document(args.file)
     except ValueError as exc:
         print(f"portolan load: {exc}; nothing was written", file=sys.stderr)
         return 1
+    progress = None
+    if _entries(doc) >= PROGRESS_MIN_ENTRIES:
+
+        def progress(line: str) -> None:
+            print(f"portolan load: {line} ({time.monotonic() - started:.1f} s)", file=sys.stderr)
+
+        n = {
+            k: len(v) if isinstance(v := doc.get(k), list) else 0
+            for k in ("cns", "vnics", "routes")
+        }
+        progress(
+            f"read {args.file}: {_plural(n['cns'], 'CN')}, {_plural(n['vnics'], 'VNIC')}, "
+            f"{_plural(n['routes'], 'route')}"
+        )
+    created_files = new_sqlite_files(args.store)
     try:
-        summary = trio.run(load_document, args.store, doc)
+        summary = trio.run(
+            partial(load_document, replace=args.replace, progress=progress), args.store, doc
+        )
     except (InvalidParameters, Conflict) as exc:
+        _remove(created_files)
         lines = _field_lines(doc, exc)
         print(
             f"portolan load: {args.file} refused, nothing was written: {exc.message}",
@@ -137,11 +238,16 @@ def run(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         return 1
     except PortolanError as exc:
+        _remove(created_files)
         print(f"portolan load: {args.file} refused, nothing was written: {exc}", file=sys.stderr)
         return 1
+    except Exception:
+        _remove(created_files)  # e.g. the store failed: no half-made database either
+        raise
+    if progress is not None:
+        progress("done")
     if args.json:
         print(json.dumps(summary))
     else:
-        parts = ", ".join(f"{v} {k}" for k, v in summary.items()) if summary else "nothing"
-        print(f"loaded {parts} from {args.file} into {redact_url(args.store)}")
+        print(summary_line(summary, args.file, args.store))
     return 0

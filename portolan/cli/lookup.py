@@ -294,6 +294,32 @@ def _entry_doc(entry: Any) -> dict[str, Any]:
     }
 
 
+def _why_log_failed(
+    args: argparse.Namespace, server: tuple[str, int], ip16: bytes, status: int
+) -> str:
+    """Explain a non-OK LOG_ACK. SVP has one FATAL for both causes (the IP is not that of
+    exactly one compute node; the server could not read its store), so ask again with a
+    ``count`` of 4, too small for any entry: portolan answers that from its index alone, without
+    reading the store, so OK means the IP was fine and the store is what failed."""
+    what = f"LOG_REQ for {args.cn_ip}: {_status_name(status)}"
+    if status != Status.FATAL:
+        return what
+    try:
+        probe = exchange(
+            server, LogRequest(_request_id(), 4, ip16, args.svp_version), timeout=args.timeout
+        )
+    except LookupFailed:
+        probe = None
+    if isinstance(probe, LogAck) and probe.status == Status.OK:
+        return (
+            f"{what}: the server could not read its store (the compute node is known; see "
+            "the server's log)"
+        )
+    if isinstance(probe, LogAck) and probe.status == Status.FATAL:
+        return f"{what}: {args.cn_ip} is not the underlay IP of exactly one compute node"
+    return f"{what} (is that the underlay IP of exactly one compute node?)"
+
+
 def run_log(args: argparse.Namespace) -> int:
     try:
         ip16 = ip_to_wire(args.cn_ip)
@@ -311,10 +337,7 @@ def run_log(args: argparse.Namespace) -> int:
     if not isinstance(reply, LogAck):
         return _fail(f"expected LOG_ACK, got {reply.OP.name}")
     if reply.status != Status.OK:
-        return _fail(
-            f"LOG_REQ for {args.cn_ip}: {_status_name(reply.status)} "
-            "(is that the underlay IP of exactly one compute node?)"
-        )
+        return _fail(_why_log_failed(args, server, ip16, reply.status))
     entries = [_entry_doc(e) for e in reply.entries]
     if args.json:
         print(json.dumps({"cn_ip": args.cn_ip, "entries": entries}))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -52,17 +54,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    explicit_level = any(a.startswith("--log-level") for a in (argv or sys.argv[1:]))
-    level = args.log_level if explicit_level else getattr(args, "default_log_level", "WARNING")
+    # `portolan COMMAND --log-level X` (commands that offer it) wins over `portolan --log-level X`
+    level = getattr(args, "command_log_level", None)
+    if level is None:
+        explicit_level = any(a.startswith("--log-level") for a in (argv or sys.argv[1:]))
+        level = args.log_level if explicit_level else getattr(args, "default_log_level", "WARNING")
     logging.basicConfig(
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return closed_pipe_exit()
+
+
+def closed_pipe_exit() -> int:
+    """stdout's reader went away (``portolan ... | head``): exit quietly, as a tool killed by
+    SIGPIPE would (status 141), without a traceback or a flush error at interpreter exit."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

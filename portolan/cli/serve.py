@@ -2,15 +2,33 @@
 
 Task tree (one trio run, no threads but the store's bounded worker threads)::
 
+    run (before trio)                  check the command line; raise the open-file limit;
+                                       bind-probe every listener (nothing opened on failure)
     serve_portolan
-      Directory.open(store)            store -> index
+      Directory.open(store)            store -> index (logged: which store, what it holds)
       nursery
         SvpServer.serve                trio.serve_tcp, one task per SVP connection
         portolan.api.serve_api         hypercorn on trio (when portolan.api is importable)
         serve_metrics                  /metrics responder
         follow_store                   reloads the index after writes by other processes
         Coherence.run (PostgreSQL)     LISTEN/NOTIFY + changes feed, instead of follow_store
-      READY line on stdout once the three are bound
+      READY line on stdout once the three are bound (stdout only; the log says "listening")
+
+Start-up refusals are one line on stderr and exit 2: a malformed command line, an unsafe API
+address, or a listener that cannot bind (``svp listener 0.0.0.0:1296: address already in use``).
+The listeners are probed (bound and released, all at once, so two listeners on one address
+are caught too) before the store is opened, so a refused start leaves no new store file. A
+listener that still fails to bind for real afterwards (another process took the port in
+between) is reported the same way.
+
+File descriptors: the soft RLIMIT_NOFILE is raised to the hard limit at start (logged), and
+SVP connections are capped (``--svp-max-connections``, default: the limit minus a reserve of
+max(128, limit/10) for the API, /metrics, the store and the log). Past the cap the SVP server
+accepts and closes (see portolan.svp_server); trio's own "accept returned EMFILE" log line,
+should the process still run out, is rate-limited to one per 10 s.
+
+The management API gets an access log at INFO on ``portolan.api.access``: one line per request
+with the method, path, status and milliseconds (the API itself is portolan.api's).
 
 Coherence with writers outside this process: the Directory updates the index itself after its
 own commits. On SQLite, a write by another process (``portolan load`` against the same file)
@@ -28,12 +46,17 @@ SIGINT/SIGTERM cancel the nursery; the Directory is closed on the way out and th
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
+import resource
 import signal
+import socket
 import sys
-from dataclasses import dataclass, field
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -41,16 +64,21 @@ import trio
 
 from portolan.cli import format_hostport, is_loopback_host, parse_hostport
 from portolan.metrics import PortolanMetrics, serve_metrics
-from portolan.store import check_url
+from portolan.ratelimit import RateLimitFilter
+from portolan.store import check_url, redact_url
 from portolan.svp_server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FRAME, SvpServer
 
 log = logging.getLogger("portolan.serve")
+access_log = logging.getLogger("portolan.api.access")
 
 DEFAULT_STORE = "sqlite:./portolan.db"
 DEFAULT_SVP_LISTEN = "0.0.0.0:1296"
 DEFAULT_API_LISTEN = "127.0.0.1:1280"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9296"
 DEFAULT_RELOAD_INTERVAL = 1.0
+#: descriptors kept for everything but SVP connections: at least this many, or a tenth
+FD_RESERVE_MIN = 128
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +88,24 @@ class ServeConfig:
     api: tuple[str, int] = ("127.0.0.1", 1280)
     metrics: tuple[str, int] = ("127.0.0.1", 9296)
     api_token: str | None = field(default=None, repr=False)
+    api_max_body: int = 1 << 20
     svp_max_frame: int = DEFAULT_MAX_FRAME
     svp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     reload_interval: float = DEFAULT_RELOAD_INTERVAL
+    svp_max_connections: int | None = None  # None: from the open-file limit at start
 
 
 class ConfigRefused(Exception):
     """The command line asks for something unsafe or malformed (exit 2)."""
+
+
+class ListenerFailed(Exception):
+    """A listener cannot bind (exit 2); the message names it: ``svp listener H:P: why``."""
+
+    def __init__(self, name: str, address: tuple[str, int], reason: str) -> None:
+        super().__init__(f"{name} listener {format_hostport(*address)}: {reason}")
+        self.name = name
+        self.address = address
 
 
 def register(subparsers: Any) -> None:
@@ -94,6 +133,13 @@ def register(subparsers: Any) -> None:
         help=f"management API listener (default {DEFAULT_API_LISTEN})",
     )
     p.add_argument(
+        "--api-max-body",
+        type=int,
+        default=1 << 20,
+        metavar="BYTES",
+        help="largest management API request body; larger ones get 413 (default 1 MiB)",
+    )
+    p.add_argument(
         "--api-token",
         default=None,
         metavar="TOKEN",
@@ -119,8 +165,24 @@ def register(subparsers: Any) -> None:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
-        help="close an SVP connection that leaves a frame half-sent this long "
-        f"(default {DEFAULT_IDLE_TIMEOUT:g})",
+        help="close an SVP connection whose frame is not complete this long after its "
+        f"first byte (default {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--svp-max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most SVP connections served at once; more are accepted and closed (default: "
+        f"the open-file limit minus max({FD_RESERVE_MIN}, a tenth of it), kept for the API, "
+        "/metrics and the store)",
+    )
+    p.add_argument(
+        "--log-level",
+        dest="command_log_level",
+        default=None,
+        choices=LOG_LEVELS,
+        help="log level on stderr (default INFO; the same as `portolan --log-level LEVEL serve`)",
     )
     p.add_argument(
         "--reload-interval",
@@ -157,6 +219,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ConfigRefused("--svp-idle-timeout must be positive")
     if args.reload_interval < 0:
         raise ConfigRefused("--reload-interval must be 0 (off) or positive")
+    max_conns = getattr(args, "svp_max_connections", None)
+    if max_conns is not None and max_conns < 1:
+        raise ConfigRefused("--svp-max-connections must be at least 1")
     try:
         check_url(args.store)
     except ValueError as exc:
@@ -167,10 +232,134 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         api=listens["api_listen"],
         metrics=listens["metrics_listen"],
         api_token=token,
+        api_max_body=args.api_max_body,
         svp_max_frame=args.svp_max_frame,
         svp_idle_timeout=args.svp_idle_timeout,
         reload_interval=args.reload_interval,
+        svp_max_connections=max_conns,
     )
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one; return (before, after) soft limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY:  # NOFILE cannot be unlimited: the kernel's ceiling
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+def default_svp_max_connections(nofile: int) -> int:
+    """SVP connections allowed under an open-file limit of ``nofile``."""
+    return max(nofile - max(FD_RESERVE_MIN, nofile // 10), 16)
+
+
+def probe_listeners(listeners: dict[str, tuple[str, int]]) -> None:
+    """Bind every listener's address (all held at once) and release them; raise
+    ListenerFailed naming the first that cannot bind. Nothing else is opened."""
+    held: list[socket.socket] = []
+    try:
+        for name, (host, port) in listeners.items():
+            try:
+                infos = socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+            except socket.gaierror as exc:
+                reason = f"cannot resolve {host!r}: {exc.strerror}"
+                raise ListenerFailed(name, (host, port), reason) from None
+            for family, kind, proto, _, sockaddr in infos[:1]:
+                sock = socket.socket(family, kind, proto)
+                held.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(sockaddr)
+                    sock.listen(1)
+                except OSError as exc:
+                    raise ListenerFailed(name, (host, port), _reason(exc)) from None
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _reason(exc: OSError) -> str:
+    text = exc.strerror or (errno.errorcode.get(exc.errno or 0) if exc.errno else None) or str(exc)
+    return text[:1].lower() + text[1:]
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside ``exc`` (possibly wrapped in exception groups), if any."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _os_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+async def _start_listener(
+    nursery: trio.Nursery,
+    name: str,
+    address: tuple[str, int],
+    start: Callable[..., Awaitable[Any]],
+    *args: Any,
+) -> Any:
+    """``nursery.start(start, *args)``, with a bind failure turned into ListenerFailed."""
+    try:
+        return await nursery.start(start, *args)
+    except BaseException as exc:
+        os_error = _os_error(exc)
+        if os_error is None or isinstance(exc, trio.Cancelled):
+            raise
+        raise ListenerFailed(name, address, _reason(os_error)) from None
+
+
+class AccessLog:
+    """ASGI middleware: one INFO line per HTTP request (method, path, status, ms)."""
+
+    def __init__(self, app: Any, logger: logging.Logger = access_log) -> None:
+        self.app = app
+        self.logger = logger
+
+    def __getattr__(self, name: str) -> Any:  # the app's own attributes (state, routes...)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or not self.logger.isEnabledFor(logging.INFO):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [0]
+
+        async def send_noting_status(message: dict) -> None:
+            if message.get("type") == "http.response.start":
+                status[0] = int(message.get("status", 0))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            client = scope.get("client")
+            self.logger.info(
+                "%s %s %s %.1f ms%s",
+                scope.get("method", "?"),
+                scope.get("path", "?"),
+                status[0] or "-",
+                (time.perf_counter() - started) * 1000,
+                f" from {client[0]}" if client else "",
+            )
 
 
 def _api_module() -> ModuleType | None:
@@ -182,9 +371,17 @@ def _api_module() -> ModuleType | None:
         raise
 
 
-def _make_app(api: ModuleType, directory: Any, token: str | None, metrics: PortolanMetrics) -> Any:
+def _make_app(
+    api: ModuleType,
+    directory: Any,
+    token: str | None,
+    metrics: PortolanMetrics,
+    max_body: int = 1 << 20,
+) -> Any:
     """The management API, counting its requests on our registry."""
-    return api.create_app(directory, token=token, registry=metrics.registry)
+    return AccessLog(
+        api.create_app(directory, token=token, registry=metrics.registry, max_body=max_body)
+    )
 
 
 def _bound(started: Any, fallback: tuple[str, int]) -> tuple[str, int]:
@@ -203,6 +400,15 @@ async def serve_portolan(
 
     api = _api_module()
     directory = await Directory.open(config.store)
+    stats = directory.index.stats()
+    log.info(
+        "store %s opened: %d compute nodes, %d VNICs, %d routes, version %d",
+        redact_url(config.store),
+        stats["cns"],
+        stats["vnics"],
+        stats["routes"],
+        stats["version"],
+    )
     try:
         metrics = PortolanMetrics()
         server = SvpServer(
@@ -210,17 +416,24 @@ async def serve_portolan(
             metrics=metrics,
             max_frame=config.svp_max_frame,
             idle_timeout=config.svp_idle_timeout,
+            max_connections=config.svp_max_connections,
         )
         async with trio.open_nursery() as nursery:
             bound: dict[str, tuple[str, int]] = {}
-            bound["svp"] = await nursery.start(server.serve, *config.svp)
+            bound["svp"] = await _start_listener(
+                nursery, "svp", config.svp, server.serve, *config.svp
+            )
             if api is not None:
-                app = _make_app(api, directory, config.api_token, metrics)
-                started = await nursery.start(api.serve_api, app, *config.api)
+                app = _make_app(api, directory, config.api_token, metrics, config.api_max_body)
+                started = await _start_listener(
+                    nursery, "api", config.api, api.serve_api, app, *config.api
+                )
                 bound["api"] = _bound(started, config.api)
             else:
                 log.warning("portolan.api is not available: serving without the management API")
-            bound["metrics"] = await nursery.start(serve_metrics, metrics, *config.metrics)
+            bound["metrics"] = await _start_listener(
+                nursery, "metrics", config.metrics, serve_metrics, metrics, *config.metrics
+            )
             if getattr(directory.store, "dialect", "") == "postgresql":
                 # other instances may share the database: follow their changes (LISTEN/NOTIFY)
                 await nursery.start(start_coherence(directory, config.store).run)
@@ -273,7 +486,10 @@ async def _main(config: ServeConfig) -> None:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(serve_portolan, config)
             print(ready_line(bound), flush=True)
-            log.info("portolan ready: %s", ready_line(bound))
+            log.info(
+                "portolan listening: %s",
+                " ".join(f"{name}={format_hostport(*addr)}" for name, addr in bound.items()),
+            )
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -287,17 +503,59 @@ def run(args: argparse.Namespace) -> int:
         print(f"portolan serve: {exc}", file=sys.stderr)
         return 2
     try:
+        probe_listeners({"svp": config.svp, "api": config.api, "metrics": config.metrics})
+    except ListenerFailed as exc:
+        print(f"portolan serve: {exc}", file=sys.stderr)
+        return 2
+    before, nofile = raise_nofile_limit()
+    if config.svp_max_connections is None:
+        config = replace(config, svp_max_connections=default_svp_max_connections(nofile))
+    log.info(
+        "open-file limit %d%s; at most %d SVP connections at once",
+        nofile,
+        f" (raised from {before})" if nofile != before else "",
+        config.svp_max_connections,
+    )
+    if config.svp_max_connections and config.svp_max_connections > nofile - 32:
+        log.warning(
+            "--svp-max-connections %d leaves little of the open-file limit %d for the API, "
+            "/metrics and the store",
+            config.svp_max_connections,
+            nofile,
+        )
+    accept_log = logging.getLogger("trio.serve_listeners")
+    limit_filter = RateLimitFilter()
+    accept_log.addFilter(limit_filter)
+    try:
         trio.run(_main, config)
     except OSError as exc:
         print(f"portolan serve: cannot start: {exc}", file=sys.stderr)
         return 1
     except BaseException as exc:
+        failed = _listener_failed(exc)
+        if failed is not None:
+            print(f"portolan serve: {failed}", file=sys.stderr)
+            return 2
         unavailable = _store_unavailable(exc)
         if unavailable is None:
             raise
         print(f"portolan serve: cannot open the store: {unavailable}", file=sys.stderr)
         return 1
+    finally:
+        accept_log.removeFilter(limit_filter)
     return 0
+
+
+def _listener_failed(exc: BaseException) -> ListenerFailed | None:
+    """The ListenerFailed inside ``exc`` (possibly wrapped in exception groups), if any."""
+    if isinstance(exc, ListenerFailed):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _listener_failed(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _store_unavailable(exc: BaseException) -> BaseException | None:

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 ::
 
-    API /rules ──► rules.py ──► Directory._write (one store transaction, RuleChange)
+    API /rules ──► rules.py ──► Directory.write (one store transaction, RuleChange)
     API /vnics ──► Directory (VNIC writes, IndexChange)        │
                                                                ▼ Directory.subscribe
                                            policy_service.PolicyService.on_change

@@ -33,6 +33,7 @@ from portolan.model import Vnic
 from protocol.addr import format_mac
 from protocol.fwpolicy import Policy, PolicyRule, VnicPolicy
 from protocol.fwrule import Side
+from protocol.fwrule.validate import subnet_network
 
 from .selection import FirewallModel, FwRule, VnicView
 
@@ -45,7 +46,8 @@ PeerCache = dict[tuple[str, ...], Any]
 
 def _net(text: str) -> Network | None:
     try:
-        return ip_network(text.strip(), strict=False)
+        # subnet_network reads leading zeros as the rule language does (09.0.0.0/024)
+        return subnet_network(text) if "/" in text else ip_network(text.strip(), strict=False)
     except ValueError:
         return None
 

@@ -46,8 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,11 +73,6 @@ class _Change:
     rules_removed: tuple[str, ...] = ()
 
 
-@asynccontextmanager
-async def _nolock() -> AsyncIterator[None]:
-    yield
-
-
 @dataclass(slots=True)
 class CnDocument:
     """One CN's current document (VNIC map keyed by MAC text) and generation."""
@@ -95,6 +89,12 @@ class CnDocument:
         if self._json is None:
             self._json = json.dumps(self.policy().to_json(), separators=(",", ":")).encode()
         return self._json
+
+    def replace(self, vnics: dict[str, VnicPolicy], version: int) -> None:
+        """Take a new VNIC map; the generation moves past both ``version`` and the last one."""
+        self.vnics = vnics
+        self.generation = max(version, self.generation + 1)
+        self._json = None
 
 
 class PolicyService:
@@ -184,15 +184,14 @@ class PolicyService:
         async with self._reload_lock:
             if only_if_stale and not self._stale:
                 return
-            lock = getattr(self.directory, "_write_lock", None)
-            async with lock if lock is not None else _nolock():
+            async with self.directory.exclusive():
                 await self._reload_locked()
 
     async def _reload_locked(self) -> None:
         def read(tx: Any) -> tuple[int, list[Vnic], list[StoredRule]]:
             return tx.current_version(), tx.list_vnics(), tx.list_rules()
 
-        version, vnics, rules = await self.directory._read(read)
+        version, vnics, rules = await self.directory.read(read)
         # Compiling everything is CPU work (seconds at 10k rules): keep it off the event loop.
         # It only builds new objects; the swap below happens back on the trio thread.
         built = await trio.to_thread.run_sync(_build, vnics, rules, limiter=self._compile_limiter)
@@ -242,21 +241,19 @@ class PolicyService:
             gone = [u for u in known if u not in pairs]
             return version, current, [r for r in changed if r is not None], gone
 
-        async with self._reload_lock:
-            lock = getattr(self.directory, "_write_lock", None)
-            async with lock if lock is not None else _nolock():
-                if self._stale:
-                    return
-                version, current, rules_put, rules_gone = await self.directory._read(read)
-                old = tuple(self.model.vnics[m].vnic for m in macs if m in self.model.vnics)
-                synthetic = _Change(
-                    version=version,
-                    vnics_removed=old,
-                    vnics_put=tuple(current.values()),
-                    rules_put=tuple(rules_put),
-                    rules_removed=tuple(rules_gone),
-                )
-                self.on_change(synthetic)
+        async with self._reload_lock, self.directory.exclusive():
+            if self._stale:
+                return
+            version, current, rules_put, rules_gone = await self.directory.read(read)
+            old = tuple(self.model.vnics[m].vnic for m in macs if m in self.model.vnics)
+            synthetic = _Change(
+                version=version,
+                vnics_removed=old,
+                vnics_put=tuple(current.values()),
+                rules_put=tuple(rules_put),
+                rules_removed=tuple(rules_gone),
+            )
+            self.on_change(synthetic)
 
     # -- incremental --------------------------------------------------------------------------
     def on_change(self, change: Any) -> None:
@@ -352,9 +349,7 @@ class PolicyService:
                 doc = self._docs[cn] = CnDocument(cn)
             elif doc.vnics == vnics:
                 continue
-            doc.vnics = vnics
-            doc.generation = max(version, doc.generation + 1)
-            doc._json = None
+            doc.replace(vnics, version)
             changed.add(cn)
             self.counters["generations"] += 1
             self._wake(cn)

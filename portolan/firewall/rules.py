@@ -6,7 +6,7 @@ enforce_subnet_mask=True)`` (FWAPI's options) and stored in the ``rules`` table 
 description, ``version`` (the store's change counter at the last change: it grows on every
 change) and ``created`` (ISO 8601, UTC).
 
-Writes run as one Directory write transaction (``Directory._write``: the change counter, the
+Writes run as one Directory write transaction (``Directory.write``: the change counter, the
 rows, commit, then the Directory's subscribers), returning a :class:`RuleChange` -- an
 ``IndexChange`` that changes no lookup mapping but carries the rules it put or removed, which
 is how the policy service hears about them.
@@ -30,7 +30,7 @@ from portolan.errors import INVALID, MISSING, Conflict, FieldError, InvalidParam
 from portolan.index import IndexChange
 from portolan.model import Rule
 from portolan.model import Vnic as VnicModel
-from portolan.service import _NoChange
+from portolan.service import NoChange
 from protocol.fwrule import FirewallRule, FwruleError, FwruleMultiError, create_rule
 
 from .selection import FwRule, rules_naming_vnic
@@ -163,18 +163,18 @@ async def create(directory: Any, body: Mapping[str, Any]) -> Rule:
         tx.put_rule(row)
         return row, RuleChange(version, rules_put=(row,))
 
-    return await directory._write(fn)
+    return await directory.write(fn)
 
 
 async def get(directory: Any, uuid: str) -> Rule:
-    r = await directory._read(lambda tx: tx.get_rule(uuid))
+    r = await directory.read(lambda tx: tx.get_rule(uuid))
     if r is None:
         raise NotFound("rule", uuid)
     return r
 
 
 async def list_all(directory: Any) -> list[Rule]:
-    return await directory._read(lambda tx: tx.list_rules())
+    return await directory.read(lambda tx: tx.list_rules())
 
 
 async def update(directory: Any, uuid: str, body: Mapping[str, Any]) -> Rule:
@@ -191,11 +191,11 @@ async def update(directory: Any, uuid: str, body: Mapping[str, Any]) -> Rule:
         fr = validate(merge(stored, changes))
         row = _row(fr, version, stored.created)
         if _same(row, stored):
-            raise _NoChange(stored)
+            raise NoChange(stored)
         tx.put_rule(row)
         return row, RuleChange(version, rules_put=(row,))
 
-    return await directory._write(fn)
+    return await directory.write(fn)
 
 
 async def delete(directory: Any, uuid: str) -> None:
@@ -204,7 +204,7 @@ async def delete(directory: Any, uuid: str) -> None:
             raise NotFound("rule", uuid)
         return None, RuleChange(version, rules_removed=(uuid,))
 
-    await directory._write(fn)
+    await directory.write(fn)
 
 
 # -- filters ------------------------------------------------------------------------------------

@@ -5,14 +5,23 @@ the connection, ``BEGIN``/``COMMIT``, placeholder translation (``_prepare``) and
 its driver's exceptions to ``UniqueViolation`` / ``IntegrityViolation`` / ``StoreUnavailable``
 (``_execute``/``_executemany``). Nothing here is async: the Directory runs store work in
 ``trio.to_thread.run_sync`` under a ``CapacityLimiter``.
+
+Rows are trusted for shape but not for tags: a VNIC's ``tags`` column is JSON text that older
+versions stored unchecked (``NaN``, ``Infinity``, lone surrogates such as ``"\ud800"``), which
+no JSON answer can carry. `decode_tags` repairs such text on every read (non-finite numbers
+become the strings ``"NaN"``/``"Infinity"``/``"-Infinity"``, lone surrogates U+FFFD, text that
+is not a JSON object ``{}``) and logs it, so a bad row never turns a read into a 500; the next
+write of that VNIC stores the repaired tags.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +29,8 @@ from protocol.addr import int_to_mac, mac_to_int
 
 from ..model import ComputeNode, LogRecord, Network, Route, Rule, Vnic
 from . import schema
+
+log = logging.getLogger("portolan.store")
 
 # SQLite's default SQLITE_MAX_VARIABLE_NUMBER is large nowadays, PostgreSQL allows 65535;
 # stay well below both when building IN (...) lists.
@@ -75,6 +86,48 @@ _ROUTE_COLS = (
 _RULE_COLS = "uuid, owner_uuid, is_global, enabled, rule, description, log, version, created"
 
 
+_repairs_logged = 0
+_MAX_REPAIR_LOGS = 20
+
+
+def _clean_text(text: str) -> str:
+    if text.isascii() or not any("\ud800" <= c <= "\udfff" for c in text):
+        return text
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+
+
+def _clean_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, list):
+        return [_clean_value(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean_text(k): _clean_value(v) for k, v in value.items()}
+    return value
+
+
+def decode_tags(text: str | None) -> dict[str, Any]:
+    """A stored ``tags`` column as a dict JSON can answer (see the module docstring)."""
+    if not text:
+        return {}
+    suspect = "NaN" in text or "Infinity" in text or "\\u" in text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if isinstance(value, dict) and not suspect:
+        return value
+    repaired = _clean_value(value) if isinstance(value, dict) else {}
+    if repaired != value or not isinstance(value, dict):
+        global _repairs_logged
+        if _repairs_logged < _MAX_REPAIR_LOGS:
+            _repairs_logged += 1
+            log.warning("repaired stored VNIC tags that JSON cannot carry: %.80r", text)
+    return repaired
+
+
 def _vnic(row: Sequence[Any]) -> Vnic:
     return Vnic(
         mac=int_to_mac(row[0]),
@@ -85,7 +138,7 @@ def _vnic(row: Sequence[Any]) -> Vnic:
         cn_uuid=row[5],
         belongs_to_uuid=row[6],
         owner_uuid=row[7],
-        tags=json.loads(row[8]) if row[8] else {},
+        tags=decode_tags(row[8]),
         firewall_enabled=bool(row[9]),
         version=row[10],
     )
@@ -228,6 +281,12 @@ class Tx:
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
         self._store._executemany(self._cur, sql, seq)
 
+    def bulk(self) -> AbstractContextManager[None]:
+        """Statements inside take as long as they need (whole-table reads, bulk loads,
+        migrations); elsewhere a backend may bound each statement (PostgreSQL: see
+        ``portolan.store.postgres``)."""
+        return self._store._bulk(self._cur)
+
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self.execute(sql, params).fetchone()
 
@@ -365,7 +424,8 @@ class Tx:
         sql = f"SELECT {_VNIC_COLS} FROM vnics"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return [_vnic(r) for r in self._all(sql + " ORDER BY mac", params)]
+        with self.bulk() if not where else nullcontext():  # every VNIC: may take a while
+            return [_vnic(r) for r in self._all(sql + " ORDER BY mac", params)]
 
     def vnet_ips(self, vnet_id: int) -> list[str]:
         """Every IP used by a VNIC of the vnet (canonical text)."""
@@ -406,10 +466,11 @@ class Tx:
         )
 
     def insert_vnics(self, vnics: Iterable[Vnic]) -> None:
-        self.executemany(
-            f"INSERT INTO vnics ({_VNIC_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (_vnic_params(v) for v in vnics),
-        )
+        with self.bulk():
+            self.executemany(
+                f"INSERT INTO vnics ({_VNIC_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (_vnic_params(v) for v in vnics),
+            )
 
     def update_vnic(self, v: Vnic) -> None:
         p = _vnic_params(v)
@@ -530,15 +591,16 @@ class Tx:
 
     # -- the whole index --------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        return Snapshot(
-            version=self.current_version(),
-            cns=self.list_cns(),
-            vnics=[
-                (r[0], r[1], r[2], r[3])
-                for r in self._all("SELECT mac, ip, vnet_id, cn_uuid FROM vnics")
-            ],
-            routes=self.list_routes(),
-        )
+        with self.bulk():
+            return Snapshot(
+                version=self.current_version(),
+                cns=self.list_cns(),
+                vnics=[
+                    (r[0], r[1], r[2], r[3])
+                    for r in self._all("SELECT mac, ip, vnet_id, cn_uuid FROM vnics")
+                ],
+                routes=self.list_routes(),
+            )
 
 
 class Store(ABC):
@@ -570,6 +632,10 @@ class Store(ABC):
     @abstractmethod
     def _executemany(self, cursor: Any, sql: str, seq: Iterable[Sequence[Any]]) -> None: ...
 
+    def _bulk(self, cursor: Any) -> AbstractContextManager[None]:
+        """Hook behind ``Tx.bulk``: lift per-statement bounds for the block (none here)."""
+        return nullcontext()
+
     def _lock_for_migration(self, tx: Tx) -> None:  # noqa: B027 (optional hook)
         """Hook: serialise concurrent migrations (PostgreSQL: an advisory lock)."""
 
@@ -596,18 +662,19 @@ class Store(ABC):
     def migrate(self) -> int:
         """Bring the schema up to ``schema.SCHEMA_VERSION``; return the version now recorded."""
         with self.transaction(write=True) as tx:
-            self._lock_for_migration(tx)
-            tx.execute(schema.META_DDL.format(**schema.DIALECT_TYPES[self.dialect]))
-            current = tx.meta_get("schema_version") or 0
-            if current > schema.SCHEMA_VERSION:
-                raise SchemaTooNew(
-                    f"database schema version {current} is newer than this portolan's "
-                    f"({schema.SCHEMA_VERSION})"
-                )
-            for m in schema.pending_migrations(current):
-                for stmt in m.render(self.dialect):
-                    tx.execute(stmt)
-                tx.meta_set("schema_version", m.version)
+            with tx.bulk():  # waits for other instances' migrations, may rewrite big tables
+                self._lock_for_migration(tx)
+                tx.execute(schema.META_DDL.format(**schema.DIALECT_TYPES[self.dialect]))
+                current = tx.meta_get("schema_version") or 0
+                if current > schema.SCHEMA_VERSION:
+                    raise SchemaTooNew(
+                        f"database schema version {current} is newer than this portolan's "
+                        f"({schema.SCHEMA_VERSION})"
+                    )
+                for m in schema.pending_migrations(current):
+                    for stmt in m.render(self.dialect):
+                        tx.execute(stmt)
+                    tx.meta_set("schema_version", m.version)
             return tx.meta_get("schema_version") or 0
 
     # -- conveniences (each its own transaction) ---------------------------------------------

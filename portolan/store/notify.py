@@ -25,8 +25,9 @@ The listener: psycopg's async API is asyncio-only, so ``listen`` runs a blocking
 worker thread (``trio.to_thread.run_sync(..., abandon_on_cancel=True)``): connect, ``LISTEN``,
 then ``conn.notifies(timeout=poll)`` in a loop, pinging the server when idle so a dead peer is
 noticed; each event is handed to trio with ``trio.from_thread.run_sync``. When the connection
-is lost the thread ends, ``listen`` reports ``lost``, waits (exponential backoff, 0.1 s up to
-5 s) and connects again, reporting ``connected``. A consumer must treat every ``connected``
+is lost the thread ends, ``listen`` reports ``lost``, waits (exponential backoff from 0.1 s, at
+most 1 s while the server's host answers TCP, at most 5 s while attempts time out) and connects
+again, reporting ``connected``. A hung server (its ping unanswered for 2 s) counts as lost. A consumer must treat every ``connected``
 after a ``lost`` as "notifications may have been missed".
 
 Lifecycle: ``listen`` runs until cancelled; on cancellation the worker thread is abandoned and
@@ -56,6 +57,8 @@ log = logging.getLogger("portolan.store.notify")
 CHANNEL = "portolan_changes"
 MAX_KEYS = 2000
 RELOAD_PAYLOAD = '{"reload":1}'
+#: a failed LISTEN attempt quicker than this (seconds) was answered by the server's host
+FAST_FAILURE = 1.0
 
 # -- the feed record ------------------------------------------------------------------------
 
@@ -167,10 +170,10 @@ def listen_blocking(
     """
     import psycopg
 
-    from .postgres import unreachable
+    from .postgres import STATEMENT_WAIT, TCP_USER_TIMEOUT_MS, BoundedConnection, unreachable
 
     try:
-        conn = psycopg.connect(
+        conn = BoundedConnection.connect(
             url,
             autocommit=True,
             connect_timeout=connect_timeout,
@@ -178,10 +181,14 @@ def listen_blocking(
             keepalives_idle=5,
             keepalives_interval=2,
             keepalives_count=3,
+            tcp_user_timeout=TCP_USER_TIMEOUT_MS,
             application_name="portolan-listen",
         )
     except psycopg.Error as exc:
         raise unreachable(exc, url) from exc
+    # LISTEN and the idle ping get an answer within STATEMENT_WAIT or the server counts as hung
+    # (notifies() keeps its own shorter poll timeout).
+    conn.wait_limit = STATEMENT_WAIT
     try:
         conn.execute(f'LISTEN "{channel}"')
         deliver(ListenerEvent("connected"))
@@ -211,9 +218,16 @@ async def listen(
     channel: str = CHANNEL,
     backoff_initial: float = 0.1,
     backoff_max: float = 5.0,
+    backoff_answered: float = 1.0,
     poll: float = 0.5,
 ) -> None:
     """Keep a LISTEN connection open forever, reporting events on ``send``.
+
+    Reconnect delays double from ``backoff_initial``; they stop at ``backoff_answered`` while
+    the failures come back fast (the server answers TCP: connection refused, "starting up",
+    "shutting down"), since retrying costs it nothing and a restarted server must be noticed
+    within about a second; only attempts that time out (nothing answers) grow the delay to
+    ``backoff_max``.
 
     Events that do not fit in ``send``'s buffer are dropped (a ``notify`` only means "catch
     up", and the consumer catches up on anything queued before it); ``connected``/``lost``
@@ -244,6 +258,7 @@ async def listen(
                 stop.set()
 
         error = "connection closed"
+        started = trio.current_time()
         try:
             await trio.to_thread.run_sync(
                 partial(listen_blocking, url, deliver, stop, channel=channel, poll=poll),
@@ -257,7 +272,9 @@ async def listen(
         log.warning("LISTEN %s: %s; reconnecting in %.1fs", channel, error, delay)
         await send.send(ListenerEvent("lost", error))
         await trio.sleep(delay)
-        delay = min(delay * 2, backoff_max) if math.isfinite(delay) else backoff_max
+        answered = trio.current_time() - started < FAST_FAILURE
+        cap = min(backoff_answered, backoff_max) if answered else backoff_max
+        delay = min(delay * 2, cap) if math.isfinite(delay) else cap
 
 
 __all__ = [

@@ -25,9 +25,25 @@ never returned to the pool; when a pooled connection turns out dead at ``BEGIN``
 restarted since it was used) every idle connection is dropped and one fresh connection is
 tried before giving up, so the first request after an outage succeeds.
 
-Fast failure: ``connect_timeout`` is 2 s (libpq's minimum) and TCP keepalives are on, so an
-unreachable server costs a request at most a couple of seconds; ``lock_timeout`` (10 s) bounds
-how long a writer waits for another instance's writer ("database busy", 503).
+Fast failure, down or hung. A server that is down, hung (SIGSTOP, overloaded) or cut off
+(a firewall dropping packets) costs a request about 2 s, never more, and then 503:
+
+- connecting: ``connect_timeout`` 2 s (libpq's minimum) covers TCP and the startup exchange;
+- every statement: the connection class (`BoundedConnection`) gives each round trip with the
+  server at most ``statement_wait`` seconds (`STATEMENT_WAIT`, 2 s). A hung server's kernel
+  still acknowledges our packets, so no TCP timer can notice it; this client-side bound does.
+  When it expires the connection is closed at once, without COMMIT: the server rolls the
+  transaction back when it next runs, so a write answered 503 is never committed later. (The
+  one window left: a hang after COMMIT was sent and before its answer; the 503 then says the
+  outcome is unknown.) Whole-table reads, bulk loads and migrations run inside ``tx.bulk()``
+  with `BULK_WAIT` instead;
+- on the server side every session gets ``statement_timeout`` (`STATEMENT_TIMEOUT_MS`, lifted
+  to `BULK_WAIT` inside ``tx.bulk()``), ``idle_in_transaction_session_timeout`` (a transaction
+  whose client vanished stops holding the version row lock) and TCP keepalives plus
+  ``tcp_user_timeout``; the client sets keepalives and ``tcp_user_timeout`` too (packets
+  dropped on the way fail the connection in about 2 s);
+- ``lock_timeout`` (1.5 s) bounds how long a writer waits for another instance's writer
+  ("database busy", 503) within the statement bound.
 
 Coherence: ``record_change`` (called by the Directory inside every versioned write) appends the
 change's keys to ``changes`` and sends ``NOTIFY portolan_changes, '<version>'``; see
@@ -57,9 +73,57 @@ from .notify import CHANNEL, encode_change
 MIGRATION_LOCK_KEY = 0x706F72746F6C616E  # "portolan"
 DEFAULT_POOL_SIZE = 4
 CONNECT_TIMEOUT = 2
+#: longest one round trip with the server may take (seconds) before the server counts as hung
+STATEMENT_WAIT = 2.0
+#: the same inside ``tx.bulk()`` (whole-table reads, bulk loads, migrations)
+BULK_WAIT = 300.0
+#: server-side bound on one statement (a backstop behind STATEMENT_WAIT)
+STATEMENT_TIMEOUT_MS = 5_000
+#: server-side: a transaction left idle this long (its client gone) is aborted
+IDLE_IN_TRANSACTION_MS = 10_000
+#: TCP: unacknowledged data fails the connection after this long (client and server)
+TCP_USER_TIMEOUT_MS = 2_000
 # A writer waits at most this long for the version row (held by another instance's writer):
 # a writer stuck on a half-dead peer's lock gets a 503 instead of hanging the API.
-LOCK_TIMEOUT_MS = 10_000
+LOCK_TIMEOUT_MS = 1_500
+#: executemany with more rows than this runs as bulk
+BULK_ROWS = 1_000
+_SESSION_OPTIONS = (
+    f"-c lock_timeout={LOCK_TIMEOUT_MS} -c statement_timeout={STATEMENT_TIMEOUT_MS} "
+    f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS} "
+    "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3 "
+    f"-c tcp_user_timeout={TCP_USER_TIMEOUT_MS}"
+)
+_WAIT_TIMEOUT: type[BaseException] = getattr(pgerr, "_WaitTimeout", psycopg.OperationalError)
+
+
+class ServerHung(psycopg.OperationalError):
+    """The server did not answer one round trip within the connection's ``wait_limit``."""
+
+
+class BoundedConnection(psycopg.Connection[Any]):
+    """A psycopg connection whose every wait for the server is bounded by ``wait_limit``
+    seconds (None: unbounded). On expiry the connection is closed (its protocol state is
+    unknown; the server rolls back whatever transaction was open) and `ServerHung` raised.
+    Waits that carry their own shorter timeout (``notifies(timeout=...)``) keep it."""
+
+    wait_limit: float | None = None
+
+    def wait(self, gen: Any, interval: float | None = None, timeout: float | None = None) -> Any:
+        limit = self.wait_limit
+        kwargs: dict[str, Any] = {} if interval is None else {"interval": interval}
+        if limit is None or (timeout is not None and timeout <= limit):
+            return super().wait(gen, timeout=timeout, **kwargs)
+        try:
+            return super().wait(gen, timeout=limit, **kwargs)
+        except _WAIT_TIMEOUT:
+            try:
+                self.pgconn.finish()
+            except Exception:
+                pass
+            raise ServerHung(f"no answer from the server within {limit:g}s") from None
+
+
 KEEP_CHANGES = 20_000
 PRUNE_EVERY = 1_000
 
@@ -108,8 +172,10 @@ class PostgresStore(Store):
         *,
         pool_size: int = DEFAULT_POOL_SIZE,
         connect_timeout: int = CONNECT_TIMEOUT,
+        statement_wait: float = STATEMENT_WAIT,
     ) -> None:
         super().__init__(url)
+        self._statement_wait = statement_wait
         self.workers = pool_size
         self._pool_size = pool_size
         self._connect_timeout = max(2, int(connect_timeout))
@@ -125,7 +191,7 @@ class PostgresStore(Store):
     # -- connections --------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(
+            conn = BoundedConnection.connect(
                 self.url,
                 autocommit=True,
                 connect_timeout=self._connect_timeout,
@@ -133,11 +199,29 @@ class PostgresStore(Store):
                 keepalives_idle=5,
                 keepalives_interval=2,
                 keepalives_count=3,
+                tcp_user_timeout=TCP_USER_TIMEOUT_MS,
                 application_name="portolan",
-                options=f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+                options=_SESSION_OPTIONS,
             )
         except psycopg.Error as exc:
             raise unreachable(exc, self.url) from exc
+        conn.wait_limit = self._statement_wait
+        return conn
+
+    @contextmanager
+    def _bulk(self, cursor: Any) -> Iterator[None]:
+        conn = cursor.connection
+        previous = conn.wait_limit
+        if previous is not None and previous >= BULK_WAIT:
+            yield  # already bulk
+            return
+        conn.wait_limit = BULK_WAIT
+        self._execute(cursor, f"SET LOCAL statement_timeout = {int(BULK_WAIT * 1000)}", ())
+        try:
+            yield
+        finally:
+            conn.wait_limit = previous
+        self._execute(cursor, "SET LOCAL statement_timeout TO DEFAULT", ())
 
     def _acquire(self) -> tuple[psycopg.Connection[Any], bool]:
         """An idle pooled connection (reused=True) or a new one."""
@@ -185,9 +269,13 @@ class PostgresStore(Store):
                     conn.close()
                 except Exception:
                     pass
-                if not reused or not isinstance(
-                    exc, psycopg.OperationalError | psycopg.InterfaceError
+                if (
+                    not reused
+                    or isinstance(exc, ServerHung)
+                    or not isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
                 ):
+                    if isinstance(exc, ServerHung):
+                        self._drop_idle()  # they lead to the same hung server
                     raise _translate(exc) from exc
                 # The pooled connection died while idle (server restart): so did its peers.
                 self._drop_idle()
@@ -201,6 +289,10 @@ class PostgresStore(Store):
             yield Tx(self, cur, write)
             try:
                 cur.execute("COMMIT")
+            except ServerHung as exc:
+                raise StoreUnavailable(
+                    f"database unreachable: {exc} to COMMIT; the change may or may not be applied"
+                ) from exc
             except psycopg.Error as exc:
                 raise _translate(exc) from exc
             done = True
@@ -234,6 +326,10 @@ class PostgresStore(Store):
     def _executemany(self, cursor: Any, sql: str, seq: Iterable[Sequence[Any]]) -> None:
         rows = [tuple(p) for p in seq]
         if not rows:
+            return
+        if len(rows) > BULK_ROWS and cursor.connection.wait_limit != BULK_WAIT:
+            with self._bulk(cursor):
+                self._executemany(cursor, sql, rows)
             return
         try:
             cursor.executemany(self._prepare(sql), rows)

@@ -62,17 +62,23 @@ Decisions on the spec's open questions (spec/fwrule.md section 7)
    missing or empty is ``No rule specified``.
 2. ICMP type order: numeric by (type, code), a type without a code before the same type with
    codes, always (the reference leaves mixed lists in an engine-dependent order).
-   Also not copied from the reference's oddities: ``tag "__proto__"`` is an ordinary tag;
-   only ASCII whitespace separates tokens (NBSP, U+3000, U+FEFF outside quotes are unexpected
-   text); ``subnet`` rejects leading zeros in IPv4 octets and in the prefix length, like
-   ``ip`` does.
+   Also not copied from the reference's oddities: ``tag "__proto__"`` is an ordinary tag.
+   Copied from the reference, since issue 12 (rules sdc-fwrule accepts must be accepted, with
+   the same canonical text, or rules written for Triton fail here): every character of
+   JavaScript's ``\\s`` separates tokens (NBSP, U+2003, U+3000, U+FEFF, ...); ``subnet``
+   accepts leading zeros in IPv4 octets and in the prefix length (``09.0.0.0/24``,
+   ``10.1.1.1/012``), reads them as decimal (`validate.subnet_network`) and keeps the text
+   as written; ``ip`` still refuses them, as the reference does. (Earlier we refused all
+   three to keep rule text unambiguous; compatibility won.)
 6. Limits: 24 targets per side and 24 ports/types (8 when ``max_version < 4``), as the
    reference's code enforces (its docs say 32 / 8).
 7. ``enabled``, ``log`` and ``global`` accept the strings ``"true"``/``"false"`` and are
    coerced to booleans; ``serialize()`` always returns real booleans.
-8. Empty tags are rejected: ``tag a = ""`` fails with ``Tag "a" has an empty value (write tag
-   "a" to match any value)`` and ``tag ""`` with ``Tag names must not be empty``. (FWAPI
-   silently widened an empty value to "any value"; fwadm treated it inconsistently.)
+8. Empty tags are accepted as sdc-fwrule accepts them, with its canonical text: ``tag ""``
+   names the tag whose name is empty, ``tag "a" = ""`` matches a VNIC whose tag ``a`` is the
+   empty string (exactly that value, never "any value": FWAPI's storage widened it, which we
+   do not copy). Until issue 12 both were refused; refusing rules the reference accepts broke
+   rule sets moved from Triton, and an exact-value reading is as safe as any other value.
 """
 
 from __future__ import annotations
@@ -96,6 +102,7 @@ from .model import (
 )
 from .parser import parse_raw
 from .rule import FIELDS, FirewallRule, create_rule, generate_version
+from .validate import subnet_network
 
 
 def parse(
@@ -147,5 +154,6 @@ __all__ = [
     "parse",
     "parse_raw",
     "quote_tag",
+    "subnet_network",
     "tokenize",
 ]

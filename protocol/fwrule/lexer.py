@@ -21,9 +21,11 @@ code units, and columns restart after a line break. :attr:`Token.end_col` is tha
 past the token; lexer errors use the length of the consumed input, shown at most as 20
 characters behind ``...`` (so the number never exceeds 23).
 
-Whitespace is ASCII only (space, tab, LF, CR, FF, VT). The reference also skips Unicode spaces
-such as U+00A0 and U+3000 between tokens; we treat them as unexpected text instead (they can
-always be written inside quotes, where canonical text escapes them anyway).
+Whitespace is what JavaScript's ``\\s`` matches, as in the reference: the ASCII spaces (space,
+tab, LF, CR, FF, VT) and U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F,
+U+3000 and U+FEFF. (Python's ``\\s`` differs: it also takes U+001C-U+001F and U+0085 and
+misses U+FEFF, so the class is spelled out.) U+2028/U+2029 separate tokens but, as in the
+reference, do not restart the error column.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ for _kw in KEYWORDS:
     _KEYWORD_SPELLINGS[_kw] = _kw
     _KEYWORD_SPELLINGS[_kw.lower()] = _kw
 
-_WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
+#: JavaScript's ``\s`` (ECMAScript WhiteSpace and LineTerminator), what the reference skips
+JS_WHITESPACE = " \t\n\r\f\v\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_WHITESPACE = re.compile(f"[{JS_WHITESPACE}]+")
 _WORD_CHARS = re.compile(r"[A-Za-z0-9_]+")
 _PUNCT = frozenset("-,=()")
 _STRING = re.compile(r'"(?:\\["bfnrt/()\\]|\\u[a-fA-F0-9]{4}|[^"\\])*"')

@@ -21,7 +21,8 @@ the rest as named, e.g. ``EOF``, ``ALL``). Lexer errors come from :mod:`.lexer`.
 
 Checks made while parsing (first failure wins, left to right): addresses, subnets (and with
 ``enforce_subnet_mask`` their host bits), VM uuids, ports and ranges, ICMP types and codes,
-priority, empty tag names/values, and the version gates (``max_version``).
+priority, and the version gates (``max_version``). Empty tag names and values are accepted,
+as the reference accepts them.
 """
 
 from __future__ import annotations
@@ -236,13 +237,6 @@ class _Parser:
             value = self._expect(_TAG_STRING).value
             self._follow(_AFTER_TAG_STRING)
             self._follow(_AFTER_TARGET)
-        if name == "":
-            raise FwruleError("rule", "Tag names must not be empty")
-        if value == "":
-            raise FwruleError(
-                "rule",
-                f'Tag "{name}" has an empty value (write tag "{name}" to match any value)',
-            )
         return Target("tag", name, value)
 
     # -- protocols -----------------------------------------------------------------------

@@ -54,31 +54,52 @@ def check_ipv6(text: str) -> str:
     return text
 
 
+def _v4_leading_zeros_ok(text: str) -> bool:
+    """Dotted quad whose octets may carry leading zeros (``09.0.0.0``), each 0-255."""
+    parts = text.split(".")
+    return len(parts) == 4 and all(_DIGITS.match(p) and int(p) <= 255 for p in parts)
+
+
+def subnet_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The network a ``subnet`` target's text (as the rule keeps it) means, host bits
+    cleared. Leading zeros in IPv4 octets and in the prefix length are decimal, as in the
+    reference (``09.0.0.0/024`` is ``9.0.0.0/24``); ValueError for text that is not a subnet.
+    """
+    addr, sep, plen_text = text.strip().partition("/")
+    if not sep or not _DIGITS.match(plen_text) or len(plen_text) > 3:
+        raise ValueError(f"{text!r} is not a subnet")
+    if _v4_leading_zeros_ok(addr):
+        addr = ".".join(str(int(p)) for p in addr.split("."))
+    return ipaddress.ip_network(f"{addr}/{int(plen_text)}", strict=False)
+
+
 def check_subnet(text: str, *, enforce_mask: bool) -> str:
     """``addr/len``: address, then prefix length for the family, then (optionally) host bits.
 
-    Stricter than the reference in one place: a leading zero in an IPv4 octet or in the
-    prefix length (``010.0.0.0/8``, ``/08``) is a bad component here, as it already is for
-    ``ip``; the reference accepts and keeps such text.
+    As in the reference, leading zeros are accepted in IPv4 octets and in the prefix length
+    (``09.0.0.0/24``, ``10.1.1.1/012``) and read as decimal; the text is kept as written
+    (canonical text does not rewrite subnets). ``ip`` still refuses leading zeros, as the
+    reference does. `subnet_network` gives the network such text means.
     """
     addr, _, plen_text = text.partition("/")
-    if is_ipv4(addr):
+    if _v4_leading_zeros_ok(addr):
         bits = 32
     elif is_ipv6(addr):
         bits = 128
     else:
         raise _fail(f'Subnet "{text}" is invalid (bad address component)')
-    if not _DIGITS.match(plen_text) or (len(plen_text) > 1 and plen_text[0] == "0"):
-        raise _fail(f'Subnet "{text}" is invalid (bad prefix length)')
     plen = _number(plen_text, 0, bits)
     if plen is None:
         raise _fail(f'Subnet "{text}" is invalid (bad prefix length)')
-    if enforce_mask:
-        try:
-            ipaddress.ip_network(text, strict=True)
-        except ValueError:
-            raise _fail(f'Subnet "{text}" is invalid (bits set to right of mask)') from None
+    if enforce_mask and subnet_network(text).network_address != _address_of(addr):
+        raise _fail(f'Subnet "{text}" is invalid (bits set to right of mask)')
     return text
+
+
+def _address_of(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if _v4_leading_zeros_ok(addr):
+        return ipaddress.IPv4Address(".".join(str(int(p)) for p in addr.split(".")))
+    return ipaddress.IPv6Address(addr)
 
 
 def check_uuid(text: str) -> str:

@@ -460,12 +460,19 @@ def test_vlan_tagged_frame_is_parsed_past_the_tag():
     assert not fw.check(tagged23, IN)
 
 
-def test_ipv6_extension_headers_are_other_protocols():
-    from scapy.layers.inet6 import IPv6ExtHdrFragment
+def test_ipv6_fragments_follow_their_first_fragment():
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 
-    fw = firewall(rule("in", "allow", "tcp"))
-    frag6 = eth(IPv6(src="2001:db8::1", dst=ME6) / IPv6ExtHdrFragment() / TCP(dport=22))
-    assert not fw.check(frag6, IN)
+    fw = firewall(rule("in", "allow", "tcp", ports=[22]))
+    first = eth(IPv6(src="2001:db8::1", dst=ME6) / IPv6ExtHdrFragment(m=1, id=7) / TCP(dport=22))
+    later = eth(IPv6(src="2001:db8::1", dst=ME6) / IPv6ExtHdrFragment(offset=3, id=7, nh=6))
+    stray = eth(IPv6(src="2001:db8::1", dst=ME6) / IPv6ExtHdrFragment(offset=3, id=8, nh=6))
+    blocked = eth(IPv6(src="2001:db8::1", dst=ME6) / IPv6ExtHdrFragment(m=1, id=9) / TCP(dport=23))
+    assert fw.check(first, IN) and fw.check(later, IN)
+    assert not fw.check(stray, IN) and not fw.check(blocked, IN)
+    # other extension headers are still "other" protocols
+    hbh = eth(IPv6(src="2001:db8::1", dst=ME6) / IPv6ExtHdrHopByHop() / TCP(dport=22))
+    assert not fw.check(hbh, IN)
     assert fw.check(
         eth(
             IPv6(src=ME6, dst="2001:db8::1") / IPv6ExtHdrFragment() / TCP(dport=22), to_guest=False

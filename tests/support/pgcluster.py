@@ -17,7 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
+PG_BIN_CANDIDATES = (
+    "/usr/lib/postgresql/15/bin",
+    "/usr/lib/postgresql/16/bin",
+    "/usr/lib/postgresql/17/bin",
+)
 
 
 def find_pg_bin() -> Path | None:
@@ -68,8 +72,17 @@ class PgCluster:
             pw = pwd.getpwnam(self.user)
             os.chown(self.base, pw.pw_uid, pw.pw_gid)
         os.chmod(self.base, 0o755)
-        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", self.user,
-                  "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._run(
+            str(self.bin_dir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            self.user,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
                 f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
@@ -77,18 +90,43 @@ class PgCluster:
                 "synchronous_commit = off\nfull_page_writes = off\nmax_connections = 100\n"
             )
         self.start()
-        self._run(str(self.bin_dir / "createdb"), "-h", str(self.base), "-p", str(self.port),
-                  "-U", self.user, self.dbname)
+        self._run(
+            str(self.bin_dir / "createdb"),
+            "-h",
+            str(self.base),
+            "-p",
+            str(self.port),
+            "-U",
+            self.user,
+            self.dbname,
+        )
         return self
 
     def start(self) -> None:
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                  "-w", "-t", "60", "start")
+        self._run(
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         self._wait_ready()
 
     def stop(self, mode: str = "fast") -> None:
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop",
-                  check=False)
+        self._run(
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-m",
+            mode,
+            "-w",
+            "stop",
+            check=False,
+        )
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

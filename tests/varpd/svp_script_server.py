@@ -10,6 +10,11 @@ per request with `Step`s queued in ``server.script`` (any op) or ``server.script
 - ``stall()``: never answer; ``reset()``: abort the connection (RST); ``close()``: FIN;
 - ``send(bytes)``: send these bytes instead of the reply.
 
+PINGs (the svp client's extension probe is a PING with a body, protocol/svp_ext.py) are
+answered with a plain PONG, as a v1 server does, outside the script: they are recorded in
+``server.pings``, not in ``requests``, and take no `Step`. ``server.ping_act = Act.CLOSE`` (or
+RESET) makes the server drop the connection on a PING instead.
+
 Frame surgery helpers (`reframe`, `bad_crc`) build wrong versions, sizes, ops and CRCs.
 `FakeHost`/`FakeDriver`/`FakeReply` record what the plugin does with the kernel side.
 """
@@ -36,6 +41,8 @@ from protocol.svp import (
     LogRequest,
     Message,
     Op,
+    Ping,
+    Pong,
     ProtocolError,
     Status,
     VL2Ack,
@@ -147,6 +154,8 @@ class ScriptServer:
         self.request_times: list[float] = []
         self.accept_times: list[float] = []
         self.accepted_on: list[str] = []
+        self.pings: list[tuple[int, Ping]] = []
+        self.ping_act = Act.ANSWER
         self.on_accept: deque[Step] = deque()
         self.script: deque[Step] = deque()
         self.script_for: dict[int, deque[Step]] = {}
@@ -237,6 +246,16 @@ class ScriptServer:
                     return
                 decoder.receive_data(data)
                 for req in decoder:
+                    if isinstance(req, Ping):
+                        self.pings.append((index, req))
+                        if self.ping_act is Act.RESET:
+                            await _abort(stream)
+                            return
+                        if self.ping_act is Act.CLOSE:
+                            await stream.aclose()
+                            return
+                        await stream.send_all(Pong(req.id, req.version).encode())
+                        continue
                     self.requests.append((index, req))
                     self.request_times.append(trio.current_time())
                     step = self._next_step(req)

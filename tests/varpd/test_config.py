@@ -56,7 +56,9 @@ def test_metrics_port_zero_is_accepted() -> None:
 
 
 def _dev(**kw: object) -> dict[str, object]:
-    d: dict[str, object] = {"name": "overlay0", "vnetid": 1, "search": "direct"}
+    props = {"vxlan/listen_ip": "10.0.0.1", "direct/dest_ip": "10.0.0.2", "direct/dest_port": 4789}
+    props.update(kw.pop("props", {}))  # type: ignore[call-overload]
+    d: dict[str, object] = {"name": "overlay0", "vnetid": 1, "search": "direct", "props": props}
     d.update(kw)
     return d
 
@@ -80,9 +82,12 @@ def _dev(**kw: object) -> dict[str, object]:
         ({"device": [_dev(name="0bad name")]}, "device[0].name"),
         ({"device": [{"vnetid": 1, "search": "direct"}]}, "device[0].name"),
         ({"device": [_dev(colour="red")]}, "device[0].colour"),
-        ({"device": [_dev(props={"direct/dest_port": 0})]}, "device[0].props.direct/dest_port"),
-        ({"device": [_dev(props={"direct/dest_ip": "2002::1"})]}, "device[0].props.direct/dest_ip"),
-        ({"device": [_dev(props={"direct/nope": 1})]}, "device[0].props.direct/nope"),
+        ({"device": [_dev(props={"direct/dest_port": 0})]}, 'device[0].props."direct/dest_port"'),
+        (
+            {"device": [_dev(props={"direct/dest_ip": "2002::1"})]},
+            'device[0].props."direct/dest_ip"',
+        ),
+        ({"device": [_dev(props={"direct/nope": 1})]}, 'device[0].props."direct/nope"'),
         ({"device": [_dev(vnic=[{"mac": "zz"}])]}, "device[0].vnic[0].mac"),
         (
             {"device": [_dev(vnic=[{"mac": "2:0:0:0:0:1", "vlan_id": 4095}])]},

@@ -309,12 +309,12 @@ async def test_log_ack_larger_than_requested_count_resets(autojump_clock, nurser
     server = await server_with_table(nursery)
     big = LogAck(0, Status.OK, ()).encode()
     server.script.append(
-        answer(lambda req, frame: reframe(big, id=req.id, body=b"\x00" * (4 + 32 * 2)))
+        answer(lambda req, frame: reframe(big, id=req.id, body=b"\x00" * (4 + 32 * 3)))
     )
     conn = Connection(LOCALHOST, server.port)
     async with running(conn):
         await wait_until(lambda: conn.usable)
-        with pytest.raises(ConnectionLost, match="LOG_ACK body of 68 bytes outside 4..64"):
+        with pytest.raises(ConnectionLost, match="LOG_ACK body of 100 bytes outside 4..68"):
             await conn.query(LogRequest(0, 64, UL_A))
 
 

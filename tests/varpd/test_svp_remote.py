@@ -46,6 +46,9 @@ def static_resolver(*addrs: str):
 
 async def start_remote(nursery, port: int, host: FakeHost | None = None, **opts) -> Remote:
     opts.setdefault("resolver", static_resolver("127.0.0.1"))
+    # exact backoff times (the jitter of issue 17 is tested in test_svp_ext_client.py)
+    opts.setdefault("backoff_jitter", 0.0)
+    opts.setdefault("reconnect_spread", 0.0)
     remote = Remote("portolan.test", port, "192.168.1.1", SvpOptions(**opts))
     if host is not None:
         remote.attach(host)

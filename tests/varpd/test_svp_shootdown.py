@@ -51,6 +51,8 @@ async def server(nursery) -> ScriptServer:
 
 
 async def start_plugin(host: FakeHost, port: int, **options: object) -> SvpPlugin:
+    options.setdefault("backoff_jitter", 0.0)  # exact backoff times (jitter: issue 17's tests)
+    options.setdefault("reconnect_spread", 0.0)
     opts = SvpOptions(resolver=local_resolver, **options)  # type: ignore[arg-type]
     plugin = SvpPlugin(
         host,

@@ -76,11 +76,12 @@ Decisions on what upstream leaves open (spec/fwrule.md §3.11 step 6, §7 questi
   IP id) passed in the last 30 s (a 4096-entry LRU table per VNIC). A later fragment that
   overtakes its first fragment is dropped (the datagram is lost; the sender retransmits) -
   the simplest choice that cannot be used to slip past a rule. A first fragment whose
-  transport header is incomplete is malformed and dropped. IPv6 fragments have a fragment
-  extension header, so they are "other" protocols: inbound they are dropped (no rule can
-  name them), outbound the default passes them. Known limitation: fragmented IPv6 inbound
-  traffic is refused; path-MTU discovery (ICMPv6 packet-too-big, related to tracked flows)
-  keeps TCP from needing it.
+  transport header is incomplete is malformed and dropped. Every passing first fragment is
+  remembered, whatever let it through (a rule, the default, state of a TCP/UDP, ICMP echo or
+  AH/ESP flow, an exemption). IPv6 fragments (a fragment header right after the fixed header)
+  are handled the same way: the first one is judged as the datagram it starts, the later ones
+  follow it (key: src, dst, next header, 32-bit identification), so fragments of an allowed
+  flow pass in this engine as in the kernel's (which reassembles before judging).
 - **Malformed IP** (truncated headers, bad IHL) is dropped in both directions.
 - **Rule changes drop state they no longer allow**: on every new policy each tracked flow's
   first packet (direction, remote address, protocol, port/type) is judged again by the new

@@ -26,7 +26,8 @@ share one levels tuple.
 Check order (``VnicFirewall.check``)
 ------------------------------------
 1. non-IP frames pass; IP frames too short to classify are dropped;
-2. IPv4 non-first fragments follow their first fragment (pass iff it passed, within 30 s);
+2. non-first fragments (IPv4, and IPv6 with a fragment header: `_ipv6_fragment`) follow
+   their first fragment (pass iff it passed, within 30 s);
 3. conntrack (one dict lookup): a packet of a tracked flow passes and refreshes the flow;
    an ICMP error whose quoted header belongs to a tracked flow passes;
 4. exemptions: NDP (ICMPv6 133..137 with hop limit 255) both ways; DHCP replies inbound
@@ -70,6 +71,7 @@ IN = 1  # == varpd.shim.Direction.IN: towards the guest
 OUT = 2  # == varpd.shim.Direction.OUT: from the guest
 
 KEY_MAX = 0xFFFF
+PROTO_FRAGMENT6 = 44  # IPv6 fragment header
 NDP_TYPES = frozenset(range(133, 138))  # RS, RA, NS, NA, Redirect
 FRAGMENT_TABLE_SIZE = 4096
 FRAGMENT_TIMEOUT = 30.0
@@ -230,6 +232,43 @@ def compile_rules(rules: Iterable[PolicyRule]) -> CompiledRules:
 # --------------------------------------------------------------------------- one VNIC
 
 
+def _ipv6_fragment(frame: bytes, pkt: Packet) -> Packet | None:
+    """An IPv6 packet whose first header is a fragment header, read as its datagram's piece.
+
+    The first fragment (offset 0) is parsed as if the fragment header were absent (so its
+    ports and ICMP type are seen, as the kernel sees them after reassembly) and marked
+    ``FRAG_FIRST``; a later one is ``FRAG_LATER`` with the header's next-header value as its
+    protocol. ``ip_id`` is the 32-bit fragment identification. None: too short to read.
+    """
+    off = 18 if frame[12:14] == b"\x81\x00" else 14
+    fh = off + 40
+    if len(frame) < fh + 8:
+        return None
+    nexthdr = frame[fh]
+    fragword = (frame[fh + 2] << 8) | frame[fh + 3]
+    ident = int.from_bytes(frame[fh + 4 : fh + 8], "big")
+    if fragword >> 3:
+        return Packet(6, nexthdr, pkt.src, pkt.dst, pkt.hop_limit, FRAG_LATER, ident)
+    payload = max(((frame[off + 4] << 8) | frame[off + 5]) - 8, 0)
+    inner = (
+        frame[: off + 4]
+        + payload.to_bytes(2, "big")
+        + bytes([nexthdr])
+        + frame[off + 7 : fh]
+        + frame[fh + 8 :]
+    )
+    first: Any = parse_frame(inner)
+    if first.__class__ is not Packet:
+        return None
+    if fragword & 1:
+        first.frag = FRAG_FIRST
+        first.ip_id = ident
+    return first
+
+
+# --------------------------------------------------------------------------- one VNIC
+
+
 def _mac_bytes(mac: bytes | str) -> bytes:
     return mac if isinstance(mac, bytes) else parse_mac(mac)
 
@@ -271,6 +310,11 @@ class VnicFirewall:
     def rules(self) -> tuple[PolicyRule, ...]:
         return self._rules.rules
 
+    @property
+    def compiled(self) -> CompiledRules:
+        """The rules as compiled for matching (what `check` consults)."""
+        return self._rules
+
     # ------------------------------------------------------------------ policy changes
 
     def install(
@@ -311,6 +355,11 @@ class VnicFirewall:
                 return True
             counters["drop_malformed"] += 1
             return False
+        if pkt.proto == PROTO_FRAGMENT6 and pkt.family == 6:
+            pkt = _ipv6_fragment(frame, pkt)
+            if pkt is None:
+                counters["drop_malformed"] += 1
+                return False
         now = self.clock()
         proto = pkt.proto
         family = pkt.family
@@ -356,6 +405,8 @@ class VnicFirewall:
                 and self._dhcp_until > now
             ):
                 counters["pass_dhcp"] += 1
+                if frag == FRAG_FIRST:
+                    self._remember_fragment(pkt, now)
                 return True
             match_key = pkt.dport
         elif proto == (PROTO_ICMP if family == 4 else PROTO_ICMP6):
@@ -374,6 +425,8 @@ class VnicFirewall:
                     if request == (direction == flow.origin):
                         conntrack.update(flow, proto, direction, 0, now)
                         counters["pass_state"] += 1
+                        if frag == FRAG_FIRST:
+                            self._remember_fragment(pkt, now)
                         return True
                 if icmp_type not in (ICMP4_ECHO_REQUEST, ICMP6_ECHO_REQUEST):
                     flow_key = None  # replies never open a flow
@@ -385,9 +438,13 @@ class VnicFirewall:
                     ikey = (p, d, s, dp, sp) if direction == OUT else (p, s, d, sp, dp)
                     if conntrack.lookup(ikey, now) is not None:
                         counters["pass_related"] += 1
+                        if frag == FRAG_FIRST:
+                            self._remember_fragment(pkt, now)
                         return True
                 elif family == 6 and icmp_type in NDP_TYPES and pkt.hop_limit == 255:
                     counters["pass_ndp"] += 1
+                    if frag == FRAG_FIRST:
+                        self._remember_fragment(pkt, now)
                     return True
             match_key = icmp_type << 8 | pkt.icmp_code
         elif proto in (PROTO_AH, PROTO_ESP):
@@ -396,6 +453,8 @@ class VnicFirewall:
             if flow is not None:
                 conntrack.update(flow, proto, direction, 0, now)
                 counters["pass_state"] += 1
+                if frag == FRAG_FIRST:
+                    self._remember_fragment(pkt, now)
                 return True
             match_key = 0
         else:

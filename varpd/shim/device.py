@@ -347,8 +347,10 @@ class OverlayDevice:
         self.counters["rx_bytes"] += len(inner)
         self.deliver_up(inner, True)
 
-    def deliver_up(self, frame: bytes, filtered: bool) -> None:
-        """Hand a (possibly tagged) frame to the VNICs of its VLAN, untagged."""
+    def deliver_up(self, frame: bytes, filtered: bool, skip_source: bool = False) -> None:
+        """Hand a (possibly tagged) frame to the VNICs of its VLAN, untagged. ``skip_source``
+        (injected frames): never to the VNIC whose MAC is the frame's source, so a VNIC does
+        not hear its own announcement (a guest doing DAD would mark its address dadfailed)."""
         if frame[12:14] == _TPID:
             if len(frame) < 18:
                 self.counters["rx_drop_runt"] += 1
@@ -358,12 +360,14 @@ class OverlayDevice:
         else:
             vlan = 0
         dst = frame[:6]
+        src = frame[6:12] if skip_source else None
         if dst[0] & 1:
             for vnic in self.by_vlan.get(vlan, ()):
-                vnic.to_guest(frame, filtered)
+                if vnic.mac != src:
+                    vnic.to_guest(frame, filtered)
             return
         vnic = self.vnics.get(dst)
-        if vnic is not None and vnic.vlan == vlan:
+        if vnic is not None and vnic.vlan == vlan and vnic.mac != src:
             vnic.to_guest(frame, filtered)
         else:
             self.counters["rx_unclaimed"] += 1

@@ -368,12 +368,13 @@ class OverlayDriver:
         """OVERLAY_TARG_INJECT: deliver ``frame`` up to the VNICs of its VLAN, as if received.
 
         ``bypass_filter`` (default) skips the VNIC firewall: varpd's proxied ARP/NDP replies.
+        Never delivered to the VNIC whose MAC is the frame's source (its own GARP/NA).
         """
         device = self.device(name)
         frame = _checked_frame(frame, "inject")
         self.counters["injects"] += 1
         device.counters["injected"] += 1
-        device.deliver_up(frame, not bypass_filter)
+        device.deliver_up(frame, not bypass_filter, skip_source=True)
 
     def resend(self, name: str, frame: bytes) -> None:
         """OVERLAY_TARG_RESEND: push ``frame`` (tagged as on the overlay) into the tx path."""

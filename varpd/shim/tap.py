@@ -15,10 +15,21 @@ up, with the classic ``SIOCSIF*`` ioctls on a socket of the current network name
 
 The fd keeps working when the link moves: ``ip link set TAP netns TENANT`` moves the link
 (not the fd) into the tenant namespace, where it comes up down and unaddressed; the process
-holding the fd (varpd, in the compute node's namespace) keeps reading and writing it. The link
-is not persistent: it disappears when the fd is closed (VNIC removed, varpd stopped), wherever
-it is at that time. Deleting the link (or its namespace) under us makes reads fail with
+holding the fd (varpd, in the compute node's namespace) keeps reading and writing it. While
+varpd runs the link is not persistent: closing the fd (``close``: VNIC removed) deletes it,
+wherever it is. Deleting the link (or its namespace) under us makes reads fail with
 ``EBADFD``; the reader then stops for good and counts it (``read_errors``).
+
+Restart keeps tenants plugged in: when varpd stops, ``release`` marks each TAP persistent
+(``TUNSETPERSIST``) before closing its fd, so the link stays where it is (in the tenant's
+namespace, with its addresses and routes), only without carrier. On the next start
+``attach_tap`` finds it again: in varpd's own namespace by name, else in the named namespaces
+(``/run/netns/*``, the ``ip netns`` ones) as a link of that name carrying the VNIC's MAC, opens
+``/dev/net/tun`` inside that namespace (``setns`` of the calling thread, switched back at
+once) and attaches to the existing link with ``TUNSETIFF``; then it clears the persistent
+flag again. A TAP found in a tenant namespace is not reconfigured (the tenant owns it). A TAP
+moved into an unnamed namespace (a container's) cannot be found: a new one is created in
+varpd's namespace, and the orphan stays until deleted (``ip link del``).
 
 ``TapPort`` is the ``VnicPort`` over such an fd (or any fd with datagram semantics: the
 benchmark uses a ``socketpair(AF_UNIX, SOCK_DGRAM)`` in its place):
@@ -30,20 +41,24 @@ benchmark uses a ``socketpair(AF_UNIX, SOCK_DGRAM)`` in its place):
   (about 4x in the encap direction, spec/vnic-api-and-peers.md §3).
 - ``deliver(frame)`` writes without blocking; a full queue (``EAGAIN``) or an error (link
   down: ``EIO``) drops the frame and returns False (the driver counts it on the VNIC).
-- ``detach()`` stops the reader and closes the fd (the TAP link goes away).
+- ``detach()`` stops the reader and closes the fd (the TAP link goes away); ``release()``
+  (varpd stopping) keeps the link (see above).
 
 Everything runs in the trio thread; ``transmit`` is synchronous and never awaits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -55,6 +70,10 @@ log = logging.getLogger("varpd.shim.tap")
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+SIOCGIFHWADDR = 0x8927
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = "/run/netns"
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 SIOCGIFFLAGS = 0x8913
@@ -114,6 +133,123 @@ def open_tap(name: str) -> tuple[int, str]:
     return fd, actual
 
 
+def set_persist(fd: int, persist: bool) -> bool:
+    """TUNSETPERSIST on a TAP fd; False when ``fd`` is not a TAP (or the kernel refused)."""
+    try:
+        fcntl.ioctl(fd, TUNSETPERSIST, 1 if persist else 0)
+    except OSError:
+        return False
+    return True
+
+
+_libc: Any = None
+
+
+def _setns(fd: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def in_netns(path: str) -> Iterator[None]:
+    """The calling thread inside the network namespace file ``path``; always switched back."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(path, os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                yield
+            finally:
+                _setns(own)
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
+
+
+def _link_mac(name: str) -> bytes | None:
+    """The MAC of link ``name`` in the calling thread's namespace, None if there is none."""
+    try:
+        got = _ioctl(SIOCGIFHWADDR, _ifreq(name))
+    except (OSError, TapError):
+        return None
+    return got[IFNAMSIZ + 2 : IFNAMSIZ + 8]
+
+
+class TapFinder:
+    """Where links are, by name, in the named namespaces (``/run/netns/*``).
+
+    One scan lists every namespace's link names (one ``setns`` per namespace); lookups then
+    check only the candidates' MACs. The scan is reused for `MAX_AGE` seconds, so restoring
+    many VNICs costs one scan, not one per VNIC per namespace.
+    """
+
+    MAX_AGE = 10.0
+
+    def __init__(self, folder: str = NETNS_DIR) -> None:
+        self.folder = folder
+        self._where: dict[str, list[str]] = {}
+        self._when: float | None = None
+
+    def _scan(self) -> None:
+        self._where = {}
+        self._when = time.monotonic()
+        try:
+            entries = sorted(os.listdir(self.folder))
+        except OSError:
+            return
+        for entry in entries:
+            path = os.path.join(self.folder, entry)
+            try:
+                with in_netns(path):
+                    names = [n for _, n in socket.if_nameindex()]
+            except OSError:
+                continue
+            for n in names:
+                self._where.setdefault(n, []).append(path)
+
+    def find(self, name: str, mac: bytes) -> str | None:
+        """The namespace file holding link ``name`` with ``mac``, or None."""
+        if self._when is None or time.monotonic() - self._when > self.MAX_AGE:
+            self._scan()
+        for path in self._where.get(name, ()):
+            try:
+                with in_netns(path):
+                    if _link_mac(name) == mac:
+                        return path
+            except OSError:
+                continue
+        return None
+
+
+def attach_tap(
+    name: str, mac: bytes, finder: TapFinder | None = None
+) -> tuple[int, str, str | None]:
+    """(fd, name, namespace path or None): TAP ``name`` for the VNIC ``mac``, re-attached
+    where a previous varpd left it (see the module docstring) or created here."""
+    where = None
+    if _link_mac(name) is None:
+        where = (finder or TapFinder()).find(name, mac)
+    if where is None:
+        fd, actual = open_tap(name)
+    else:
+        try:
+            with in_netns(where):
+                fd, actual = open_tap(name)
+        except TapError:
+            raise
+        except OSError as exc:
+            raise TapError(f"cannot enter {where} for TAP {name!r}: {exc}", exc.errno) from None
+        log.info("TAP %s re-attached in namespace %s", actual, where)
+    set_persist(fd, False)  # the link lives with the fd again while varpd runs
+    return fd, actual, where
+
+
 def _ioctl(request: int, ifreq: bytes) -> bytes:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         return fcntl.ioctl(s.fileno(), request, ifreq)
@@ -146,9 +282,12 @@ class TapPort:
     The port owns ``fd`` and closes it on ``detach``/``close``.
     """
 
-    def __init__(self, fd: int, name: str, spawn: Callable[..., Any]) -> None:
+    def __init__(
+        self, fd: int, name: str, spawn: Callable[..., Any], *, is_tap: bool = False
+    ) -> None:
         self.fd = fd
         self.name = name
+        self.is_tap = is_tap
         self._spawn = spawn
         self._transmit: FrameSink | None = None
         self._scope: trio.CancelScope | None = None
@@ -187,6 +326,12 @@ class TapPort:
         return True
 
     # lifetime ------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """varpd is stopping: keep the TAP link (persistent), then close the fd."""
+        if not self.closed and self.is_tap and set_persist(self.fd, True):
+            log.info("TAP %s kept for the next varpd", self.name)
+        self.close()
 
     def close(self) -> None:
         """Stop the reader and close the fd (idempotent); the TAP link goes away."""

@@ -28,8 +28,10 @@ Nothing here blocks: every socket and TAP fd is non-blocking, and the only await
 ``wait_readable`` in the receive and TAP reader tasks, which live in the nursery of ``run()``.
 ``bind`` and ``tap_port`` need ``run()`` to be running (``NotRunning`` otherwise for ``bind``;
 TAP readers created earlier start when it does). When ``run()`` ends every socket and TAP fd
-is closed (the TAP links vanish). Errors on a socket or fd are counted and logged, never
-raised into the driver.
+is closed; the TAP links are kept (persistent) so that stopping varpd does not cut tenants
+off, and ``tap_port`` re-attaches to them on the next start, in whichever named namespace they
+were moved to (``varpd.shim.tap``). Removing a VNIC still deletes its TAP. Errors on a socket
+or fd are counted and logged, never raised into the driver.
 
 TAPs and namespaces (the flow the end-to-end test uses, and an orchestrator would)
 ---------------------------------------------------------------------------------
@@ -68,7 +70,7 @@ import trio
 from protocol.addr import V4_MAPPED_PREFIX
 
 from .backend import DatagramReceiver
-from .tap import TapPort, configure, open_tap
+from .tap import TapFinder, TapPort, attach_tap, configure
 from .types import AddressInUse, NotRunning, Point, ShimError
 
 log = logging.getLogger("varpd.shim.udp")
@@ -159,6 +161,7 @@ class UdpBackend:
         self._last: _Listener | None = None  # the listener of the previous send
         self._sources: dict[Any, Point] = {}
         self._ports: list[TapPort] = []
+        self._tap_finder = TapFinder()  # TAPs a previous varpd left in named namespaces
         self._nursery: trio.Nursery | None = None
         self._waiting: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
@@ -183,7 +186,7 @@ class UdpBackend:
             self._listeners.clear()
             self._last = None
             for port in self._ports:
-                port.close()
+                port.release()  # TAP links stay (tenants keep their interface)
             self._ports.clear()
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -344,15 +347,17 @@ class UdpBackend:
     def tap_port(
         self, tap: str, device: str, mac: bytes, vlan: int, mtu: int | None = None
     ) -> TapPort:
-        """Create TAP ``tap`` here with the VNIC's MAC, up; its reader starts on attach."""
-        fd, name = open_tap(tap)
-        try:
-            configure(name, mac=mac, mtu=mtu, up=True)
-        except BaseException:
-            os.close(fd)
-            raise
+        """TAP ``tap`` with the VNIC's MAC, up: created here, or re-attached where a previous
+        varpd left it (not reconfigured if a tenant namespace has it); reader starts on attach."""
+        fd, name, netns = attach_tap(tap, mac, self._tap_finder)
+        if netns is None:
+            try:
+                configure(name, mac=mac, mtu=mtu, up=True)
+            except BaseException:
+                os.close(fd)
+                raise
         self._ports = [p for p in self._ports if not p.closed]
-        port = TapPort(fd, name, self._spawn)
+        port = TapPort(fd, name, self._spawn, is_tap=True)
         self._ports.append(port)
         log.info("TAP %s for VNIC %s on %s (vlan %d)", name, mac.hex(":"), device, vlan)
         return port

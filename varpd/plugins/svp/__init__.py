@@ -15,7 +15,8 @@ target cache is the only VL2 cache, VL3 answers are never cached.
          +------------------------------------------------------- Remote  (shared per
                                                                    |  |    host, port,
                  getaddrinfo every 30 s -> one Connection per address |    underlay_ip)
-                 LogPoller: LOG_REQ every 0.25 s idle, LOG_RM at once  |
+                 LogPoller: LOG_WAIT held by the server (extension) or |
+                            LOG_REQ every 0.25 s idle; LOG_RM at once  |
                                                                    v  v
                                                              portolan SVP server(s)
 
@@ -32,7 +33,9 @@ Modules
 - `conn` (`Connection`): the per-address state machine INITIAL / CONNECTING / BACKOFF / ACTIVE
   / WINDDOWN / ERROR, backoff 1, 2, 4, 8, 16, 32 s, degraded after more than 6 failures,
   pipelined queries matched by id, strict reply validation, 30 s query timeout.
-- `shootdown` (`LogPoller`): VL2 entries -> cache_remove; VL3 entries -> VL3_REQ, cache_set,
+- `shootdown` (`LogPoller`): waits with LOG_WAIT when the connection's server granted it in
+  answer to our HELLO (`protocol.svp_ext`; ``Connection.caps``), else polls LOG_REQ;
+  VL2 entries -> cache_remove; VL3 entries -> VL3_REQ, cache_set,
   gratuitous ARP / unsolicited NA on the entry's VLAN; LOG_RM of what was handled.
 
 Where we differ from illumos (on purpose)
@@ -42,8 +45,9 @@ Where we differ from illumos (on purpose)
   them all (illumos quirk 9.4).
 - A connection reset before it answered anything counts as a connect failure (backoff), so a
   server that accepts and drops us is not hammered.
-- The log is polled every 0.25 s when idle and immediately after a non-empty batch; LOG_RM is
-  sent at once. VL3 shootdowns also update the kernel cache, and IPv6 entries produce an
+- The log is polled every 0.25 s when idle and immediately after a non-empty batch, or, with a
+  portolan that offers the extension, waited for (LOG_WAIT); LOG_RM is sent at once. Reconnect
+  waits are jittered (restart storms, issue 17). VL3 shootdowns also update the kernel cache, and IPv6 entries produce an
   unsolicited Neighbor Advertisement (illumos ignores them).
 
 Lifecycle and invariants

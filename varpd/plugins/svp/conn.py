@@ -14,13 +14,23 @@ States (spec/varpd-overlay.md §4.3)::
   connection that answered at least one query is reconnected at once after a reset, with the
   counter back at 0 (illumos resets the counter on INITIAL; we also back off from a server
   that accepts and drops us straight away). Becoming ACTIVE clears the degraded mark.
+- Restart storms (issue 17): with ``backoff_jitter`` j each backoff wait is drawn from
+  [(1 - j) * wait, wait], and with ``reconnect_spread`` s a connection that had answered
+  reconnects after U(0, s) instead of at once, so the nodes of a restarted portolan do not
+  all knock in the same instant (both 0 here by default; `SvpOptions` sets 0.5 and 0.5).
+- Extension probe (``probe_ext``, protocol.svp_ext): each session sends HELLO (a PING with a
+  body) first; ``caps`` is None until it is answered, then what the server granted (0 for a
+  plain PONG). A session reset while the HELLO is unanswered marks the address
+  ``ext_refused``: it is reconnected as usual and never probed again. PONG replies may carry
+  0 or 16..256 body bytes; a LOG_WAIT's reply is a LOG_ACK, given ``wait_ms`` more time.
 - Queries are pipelined: ``query()`` takes a request message (its ``id`` is ignored),
   gives it a fresh id from a per-connection counter in 1..2^31-1, queues the frame for the
   writer task and waits for the reply with that id. Replies may come in any order.
 - Reply validation (spec/svp.md §6.4), any failure resets the connection: the version equals
   the one we send, the op is an ack op, the id is outstanding and the op is the ack of that
   query's request, the size is exactly 20 / 28 / 4 for VL2_ACK / VL3_ACK / LOG_RM_ACK and
-  4..count for LOG_ACK, and the CRC matches. The header is checked before any body byte is
+  4..count + 4 for LOG_ACK (sdc-portolan leaves the status word out of ``count``), and the
+  CRC matches. The header is checked before any body byte is
   awaited, so a hostile size cannot make us buffer. A LOG_ACK whose entries cannot be parsed
   (the frame itself being sound) fails only that query (`QueryFailed`), as illumos rejects
   only that reply.
@@ -41,6 +51,7 @@ import enum
 import errno
 import logging
 import math
+import random
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -58,6 +69,15 @@ from protocol.svp import (
     Op,
     ProtocolError,
     decode_frame,
+)
+from protocol.svp_ext import (
+    CAP_LOG_WAIT,
+    HELLO_PONG_OPS,
+    HELLO_SIZE,
+    OP_LOG_WAIT,
+    Hello,
+    HelloAck,
+    LogWait,
 )
 
 log = logging.getLogger("varpd.plugins.svp")
@@ -80,7 +100,12 @@ _ACK_SIZES: dict[int, int | None] = {
     Op.VL3_ACK: MIN_BODY_SIZE[Op.VL3_ACK],
     Op.LOG_ACK: None,
     Op.LOG_RM_ACK: MIN_BODY_SIZE[Op.LOG_RM_ACK],
+    Op.PONG: None,  # HELLO's reply: empty (no extension) or a HELLO body (svp_ext)
 }
+# The reply op of each request op, with the extension's LOG_WAIT (answered by a LOG_ACK).
+_REPLY_OP: dict[int, int] = {**REPLY_OP, OP_LOG_WAIT: Op.LOG_ACK}
+#: Largest PONG body we accept (a HELLO reply from a later extension version may be longer).
+MAX_PONG_BODY = 256
 # errnos after which retrying soon is pointless: the host itself cannot make sockets.
 _LOCAL_ERRNOS = frozenset(
     {errno.EAFNOSUPPORT, errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -152,6 +177,9 @@ class Connection:
         backoff: tuple[float, ...] = BACKOFF_TABLE,
         degrade_after: int = DEGRADE_AFTER,
         version: int = 1,
+        probe_ext: bool = False,
+        backoff_jitter: float = 0.0,
+        reconnect_spread: float = 0.0,
     ) -> None:
         if not backoff:
             raise ValueError("the backoff table must not be empty")
@@ -178,6 +206,17 @@ class Connection:
         self._reset_reason: str | None = None
         self._answered = False
         self._wake = trio.Event()
+        # The extension (protocol.svp_ext): ``caps`` is what the server granted on the current
+        # session (None until the HELLO is answered; 0 without the extension). A server that
+        # dropped the connection over our HELLO is not asked again (``ext_refused``).
+        self._probe_ext = probe_ext
+        self.caps: int | None = None if probe_ext else 0
+        self.max_wait = 0.0
+        self.ext_refused = False
+        self._hello_in_flight = False
+        self._backoff_jitter = min(max(backoff_jitter, 0.0), 1.0)
+        self._reconnect_spread = max(reconnect_spread, 0.0)
+        self._random = random.Random()
 
     def __repr__(self) -> str:
         return f"<svp Connection {self.label} {self.state.value}>"
@@ -232,6 +271,10 @@ class Connection:
                     if answered:
                         self.failures = 0
                         self._set_state(ConnState.INITIAL)
+                        if self._reconnect_spread:
+                            # Every node loses its connection at once when the server
+                            # restarts: spread the first reconnect wave.
+                            await trio.sleep(self._random.uniform(0, self._reconnect_spread))
                     else:
                         await self._failed(self.last_error or "connection reset")
         finally:
@@ -264,6 +307,9 @@ class Connection:
         if self.failures > self._degrade_after:
             self.degraded = True
         wait = self._backoff[min(self.failures, len(self._backoff)) - 1]
+        if self._backoff_jitter:
+            # uniform in [(1 - jitter) * wait, wait]: nodes that failed together drift apart
+            wait *= 1.0 - self._backoff_jitter * self._random.random()
         log.info(
             "svp %s: %s; attempt %d failed, retrying in %g s",
             self.label,
@@ -299,6 +345,9 @@ class Connection:
         self._outq = send
         self._reset_reason = None
         self._answered = False
+        probe = self._probe_ext and not self.ext_refused
+        self.caps = None if probe else 0
+        self.max_wait = 0.0
         self._set_state(ConnState.ACTIVE)
         try:
             async with trio.open_nursery() as nursery:
@@ -306,7 +355,17 @@ class Connection:
                 nursery.start_soon(self._writer, stream, receive)
                 nursery.start_soon(self._reader, stream)
                 nursery.start_soon(self._watchdog)
+                if probe:
+                    nursery.start_soon(self._hello)
         finally:
+            if self._hello_in_flight and not self._closing:
+                # The server dropped us while our HELLO was unanswered: an SVP server that
+                # does not take a PING with a body. Never probe it again (it is reconnected
+                # as after any reset) and poll its log the v1 way.
+                self.ext_refused = True
+                log.info("svp %s: no answer to the extension probe; not probing again", self.label)
+            self._hello_in_flight = False
+            self.caps = 0
             self._session = None
             self._outq = None
             send.close()
@@ -385,6 +444,10 @@ class Connection:
         want = _ACK_SIZES[op]
         if want is not None and size != want:
             return f"{Op(op).name} body of {size} bytes, expected {want}"
+        if op == Op.PONG:
+            if size != 0 and not HELLO_SIZE <= size <= MAX_PONG_BODY:
+                return f"PONG body of {size} bytes (want 0 or {HELLO_SIZE}..{MAX_PONG_BODY})"
+            return None
         if want is None and not 4 <= size <= pending.limit:
             return f"LOG_ACK body of {size} bytes outside 4..{pending.limit}"
         return None
@@ -393,7 +456,7 @@ class Connection:
         """Decode and hand over one validated frame; False if the connection was reset."""
         pending = self._pending[qid]
         try:
-            msg = decode_frame(frame, versions=frozenset({self._version}))
+            msg = decode_frame(frame, versions=frozenset({self._version}), extra_ops=HELLO_PONG_OPS)
         except BadLogEntry as exc:
             del self._pending[qid]
             pending.error = QueryFailed(f"unusable LOG_ACK from {self.label}: {exc}")
@@ -424,6 +487,31 @@ class Connection:
                 return
             await trio.sleep_until(earliest)
 
+    async def _hello(self) -> None:
+        """Ask for the extension once per session (protocol.svp_ext); see ``caps``."""
+        self._hello_in_flight = True
+        try:
+            reply = await self.query(Hello(0, CAP_LOG_WAIT))
+        except ConnectionLost:
+            return  # still "in flight": _serve's cleanup decides what the loss means
+        except SvpError as exc:
+            log.info("svp %s: extension probe failed: %s", self.label, exc)
+            reply = None
+        self._hello_in_flight = False
+        if isinstance(reply, HelloAck):
+            self.caps = reply.caps & CAP_LOG_WAIT
+            self.max_wait = reply.max_wait_ms / 1000.0
+            log.info(
+                "svp %s: server offers the extension (caps %#x, waits up to %g s)",
+                self.label,
+                reply.caps,
+                self.max_wait,
+            )
+        else:
+            self.caps = 0  # a plain PONG: a server without the extension
+        if self._on_change is not None:
+            self._on_change(self)
+
     # ---------------------------------------------------------------- queries
 
     def _alloc_id(self) -> int:
@@ -444,9 +532,14 @@ class Connection:
         qid = self._alloc_id()
         request = replace(request, id=qid, version=self._version)  # type: ignore[type-var]
         frame = request.encode()
-        expect = REPLY_OP[request.OP]
-        limit = request.count if isinstance(request, LogRequest) else 0
-        pending = _Pending(qid, expect, limit, trio.current_time() + self._query_timeout)
+        expect = _REPLY_OP[request.OP]
+        # + 4: sdc-portolan counts only the records against ``count``, not the status word
+        # (32 queued VL2 records answer count 1024 with a 1028-byte body); be liberal.
+        limit = request.count + 4 if isinstance(request, LogRequest | LogWait) else 0
+        timeout = self._query_timeout
+        if isinstance(request, LogWait):
+            timeout += request.wait_ms / 1000.0  # the server may hold it that long
+        pending = _Pending(qid, expect, limit, trio.current_time() + timeout)
         self._pending[qid] = pending
         self._wake.set()
         self._outq.send_nowait(frame)

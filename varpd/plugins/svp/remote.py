@@ -53,6 +53,7 @@ from protocol.svp import (
     VL3Request,
     VL3Type,
 )
+from protocol.svp_ext import CAP_LOG_WAIT, LogWait
 from varpd.plugins.svp.conn import (
     BACKOFF_TABLE,
     DEFAULT_CONNECT_TIMEOUT,
@@ -103,6 +104,16 @@ class SvpOptions:
     backoff: tuple[float, ...] = BACKOFF_TABLE
     degrade_after: int = DEGRADE_AFTER
     version: int = 1
+    #: wait for shootdowns with LOG_WAIT when the server offers it (protocol.svp_ext);
+    #: False: never send the HELLO probe, poll LOG_REQ every ``log_interval`` as before
+    log_wait: bool = True
+    #: how long each LOG_WAIT may be held (the server may grant less)
+    log_wait_time: float = 55.0
+    #: each backoff wait is drawn from [(1 - jitter) * wait, wait]
+    backoff_jitter: float = 0.5
+    #: a healthy connection that was reset reconnects after U(0, spread) s (not at once), so
+    #: a restarted portolan does not get every node's connect in the same instant
+    reconnect_spread: float = 0.5
     opener: Opener | None = None
     resolver: Resolver | None = None
 
@@ -345,6 +356,9 @@ class Remote:
             backoff=o.backoff,
             degrade_after=o.degrade_after,
             version=o.version,
+            probe_ext=o.log_wait,
+            backoff_jitter=o.backoff_jitter,
+            reconnect_spread=o.reconnect_spread,
         )
 
     async def _run_connection(self, conn: Connection) -> None:
@@ -394,6 +408,12 @@ class Remote:
         self.metrics.connections(self.label, counts)
         changed, self._changed = self._changed, trio.Event()
         changed.set()
+
+    async def wait_changed(self, deadline: float = math.inf) -> None:
+        """Return when the connection set next changes state, or at ``deadline``."""
+        changed = self._changed
+        with trio.move_on_at(deadline):
+            await changed.wait()
 
     @property
     def degrade_message(self) -> str | None:
@@ -462,6 +482,32 @@ class Remote:
 
     async def log_request(self, count: int) -> LogAck:
         reply = await self.query(LogRequest(0, count, self.underlay_ip16))
+        assert isinstance(reply, LogAck)
+        return reply
+
+    def wait_connection(self) -> Connection | None:
+        """A usable connection whose server granted LOG_WAIT, or None."""
+        for conn in self.conns.values():
+            if conn.usable and conn.caps is not None and conn.caps & CAP_LOG_WAIT:
+                return conn
+        return None
+
+    def probing(self) -> bool:
+        """True while a usable connection has not had its extension probe answered."""
+        return any(c.usable and c.caps is None for c in self.conns.values())
+
+    async def log_wait(self, conn: Connection, count: int, wait: float) -> LogAck:
+        """LOG_WAIT on ``conn`` (which granted it); no retry elsewhere: the poller decides."""
+        wait_ms = max(0, min(int(wait * 1000), int(conn.max_wait * 1000) or int(wait * 1000)))
+        try:
+            reply = await conn.query(LogWait(0, count, self.underlay_ip16, wait_ms))
+        except ConnectionLost:
+            self.metrics.query("log_wait", "lost")
+            raise
+        except QueryFailed:
+            self.metrics.query("log_wait", "bad_reply")
+            raise
+        self.metrics.query("log_wait", _result_label(reply))
         assert isinstance(reply, LogAck)
         return reply
 

@@ -18,6 +18,15 @@ One poller per remote. A cycle:
 4. poll again immediately if anything was acknowledged, else after ``log_interval`` (0.25 s;
    illumos 5-10 s). Together that keeps a VNIC move within the 1 s convergence goal.
 
+Waiting instead of polling (protocol.svp_ext): when the connection's server granted LOG_WAIT
+in answer to our HELLO (``Connection.caps``), step 1 is a LOG_WAIT of ``log_wait_time`` (55 s,
+bounded by the server's maximum) instead of a LOG_REQ: the server answers as soon as an entry
+for this node exists, or empty when the wait passes, and the next cycle starts at once. So an
+idle node costs one request per 55 s instead of four a second, and a shootdown arrives as soon
+as it is written instead of up to one interval later. Right after a connection comes up the
+poller waits (up to ``_PROBE_WAIT``) for the HELLO's answer; a server without the extension
+(an empty PONG, or a server that dropped the connection over the HELLO) is polled as above.
+
 Failures (no connection, a reset, a non-OK LOG_ACK) just wait the idle interval and retry.
 """
 
@@ -31,7 +40,7 @@ import trio
 from protocol.addr import UNSPECIFIED, ip_from_wire
 from protocol.ethernet import build_garp, build_unsolicited_na
 from protocol.svp import LogRouteEntry, LogVL2Entry, LogVL3Entry, Status
-from varpd.plugins.svp.conn import SvpError
+from varpd.plugins.svp.conn import Connection, SvpError
 from varpd.shim.types import Point
 
 if TYPE_CHECKING:
@@ -39,6 +48,9 @@ if TYPE_CHECKING:
     from varpd.plugins.svp.remote import Remote
 
 log = logging.getLogger("varpd.plugins.svp")
+
+#: How long a fresh connection's HELLO may take before the poller falls back to LOG_REQ.
+_PROBE_WAIT = 2.0
 
 
 def build_announcement(mac: bytes, ip16: bytes, vlan: int = 0) -> bytes:
@@ -56,32 +68,64 @@ class LogPoller:
         self.remote = remote
         self.interval = remote.options.log_interval
         self.count = remote.options.log_count
+        self.wait_time = remote.options.log_wait_time
         self.polls = 0
+        self.waits = 0
         self.applied = 0
+        self._failed = False
+        self._empty = False
 
     async def run(self) -> None:
         while True:
             await self.remote.wait_active()
+            conn = await self._waiting_connection()
+            started = trio.current_time()
             try:
-                removed = await self.poll_once()
+                removed = await self.poll_once(conn)
             except Exception:  # a bug here must not take the daemon down; try again later
                 log.exception("svp %s: log poll failed", self.remote.label)
-                removed = 0
-            if not removed:
-                await trio.sleep(self.interval)
+                removed, self._failed = 0, True
+            if removed:
+                continue
+            if (
+                conn is not None
+                and not self._failed
+                and self._empty
+                and trio.current_time() - started >= self.interval
+            ):
+                continue  # a LOG_WAIT that was held and ran out: wait again at once
+            await trio.sleep(self.interval)
 
-    async def poll_once(self) -> int:
-        """One LOG_REQ / apply / LOG_RM cycle; returns the number of ids acknowledged."""
-        self.polls += 1
+    async def _waiting_connection(self) -> Connection | None:
+        """The connection to send LOG_WAIT on, or None to poll with LOG_REQ."""
+        remote = self.remote
+        if not remote.options.log_wait:
+            return None
+        deadline = trio.current_time() + _PROBE_WAIT
+        while remote.probing() and trio.current_time() < deadline:
+            await remote.wait_changed(deadline)
+        return remote.wait_connection()
+
+    async def poll_once(self, conn: Connection | None = None) -> int:
+        """One LOG_REQ (or, with ``conn``, LOG_WAIT) / apply / LOG_RM cycle; returns the number
+        of ids acknowledged."""
+        self._failed, self._empty = True, False
         try:
-            ack = await self.remote.log_request(self.count)
+            if conn is not None:
+                self.waits += 1
+                ack = await self.remote.log_wait(conn, self.count, self.wait_time)
+            else:
+                self.polls += 1
+                ack = await self.remote.log_request(self.count)
         except SvpError as exc:
-            log.debug("svp %s: LOG_REQ failed: %s", self.remote.label, exc)
+            log.debug("svp %s: log request failed: %s", self.remote.label, exc)
             return 0
         if ack.status != Status.OK:
             log.info("svp %s: LOG_ACK status %d", self.remote.label, ack.status)
             return 0
+        self._failed = False
         if not ack.entries:
+            self._empty = True
             return 0
         handled: list[bool] = [False] * len(ack.entries)
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,6 @@
+"""The ICMP echo probe of the packet tests: `lab.probe` run through `lab.netns.ping`."""
+
+from lab.netns import ping
+from lab.probe import PROBE
+
+__all__ = ["PROBE", "ping"]
