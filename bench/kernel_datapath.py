@@ -23,7 +23,9 @@ Throughput: TCP from t1 to t2 for a few seconds with ``iperf3`` when it is insta
 and linux / udp (goal >= 15).
 
 First-packet latency (linux backend): ``N`` VNICs (MAC + IP never seen by cn1) are registered
-in portolan on cn2; for each, t1 sends one UDP datagram to its IP. The tenant's kernel first
+in portolan on cn2 (the VL3 shootdowns that creation writes make cn1's varpd install them at
+once; the run waits for that, then deletes those neighbour and fdb entries again, so that what
+is timed is a real miss); for each, t1 sends one UDP datagram to its IP. The tenant's kernel first
 asks ARP (an L3 miss on cn1's vxlan device -> varpd -> SVP VL3 lookup -> neighbour + fdb
 entries and an announcement -> the tenant's queued datagram leaves), then the datagram crosses
 the overlay; cn2's bridge floods the unknown destination MAC to t2, where a promiscuous packet
@@ -32,7 +34,7 @@ monotonic clock: every namespace shares it). p50/p99 over the samples (goal p99 
 
 Nothing here touches the caller's namespace: every namespace carries the run's prefix
 (``pkd<pid>``), leftovers of a killed run with the same prefix are removed first, and all of
-them are deleted at the end, whatever happened.
+them are deleted at the end, whatever happened (`lab.netns.Namespaces`).
 
     python -m bench.kernel_datapath [--quick] [--seconds S] [--fresh N]
 """
@@ -40,24 +42,23 @@ them are deleted at the end, whatever happened.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import os
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, percentile, print_table, write_results
+from lab import netns
+from lab.netns import in_netns
+from lab.netns import run as sh
 
 VNET = 7707
 MTU = 1400
@@ -74,35 +75,9 @@ TENANT = {
 THROUGHPUT_GOAL_STATIC = 0.90
 THROUGHPUT_GOAL_UDP = 15.0
 FIRST_PACKET_P99_GOAL_MS = 5.0
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # ------------------------------------------------------------------------------ namespaces
-
-
-def sh(*argv: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
-
-
-@contextlib.contextmanager
-def in_netns(ns: str) -> Iterator[None]:
-    """The calling thread inside ``ns`` for the block (sockets made there stay there)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {ns}")
-        try:
-            yield
-        finally:
-            _libc.setns(own, CLONE_NEWNET)
-    finally:
-        os.close(target)
-        os.close(own)
 
 
 def unavailable() -> str | None:
@@ -117,70 +92,22 @@ class Topology:
     """The namespaces of one run; ``close()`` kills what it started and deletes them."""
 
     def __init__(self) -> None:
-        self.prefix = f"pkd{os.getpid() % 0xFFFF:x}"
-        self.sweep()
-        self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen] = []
+        self.lab = netns.Namespaces(prefix="pkd")  # pkd<pid hex>
+        netns.sweep(self.lab.prefix)
         self.tmp = Path(tempfile.mkdtemp(prefix="kernel-datapath-"))
-        self.ns = {name: self._ns(name) for name in ("ul", "cn1", "cn2", "t1", "t2")}
-        sh("ip", "-n", self.ns["ul"], "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.ns["ul"], "addr", "add", f"{PORTOLAN_IP}/24", "dev", "br0")
-        sh("ip", "-n", self.ns["ul"], "link", "set", "br0", "up")
+        self.ns = {name: self.lab.ns(name, ipv6=True) for name in ("ul", "cn1", "cn2", "t1", "t2")}
+        self.lab.bridge(self.ns["ul"], f"{PORTOLAN_IP}/24")
         for cn, (_uuid, ip) in CNS.items():
-            port = f"p{cn}"
-            sh("ip", "link", "add", port, "netns", self.ns["ul"], "type", "veth", "peer", "name",
-               "ul0", "netns", self.ns[cn])  # fmt: skip
-            sh("ip", "-n", self.ns["ul"], "link", "set", port, "master", "br0", "up")
-            sh("ip", "-n", self.ns[cn], "addr", "add", f"{ip}/24", "dev", "ul0")
-            sh("ip", "-n", self.ns[cn], "link", "set", "ul0", "up")
-
-    def sweep(self) -> None:
-        listing = sh("ip", "-j", "netns", "list", check=False)
-        try:
-            names = [n["name"] for n in json.loads(listing.stdout or "[]")]
-        except ValueError:
-            names = []
-        for name in names:
-            if name.startswith(self.prefix):
-                sh("ip", "netns", "del", name, check=False)
-
-    def _ns(self, name: str) -> str:
-        full = f"{self.prefix}{name}"
-        sh("ip", "netns", "add", full)
-        self.namespaces.append(full)
-        sh("ip", "-n", full, "link", "set", "lo", "up")
-        return full
+            self.lab.uplink(self.ns[cn], f"{ip}/24", self.ns["ul"], f"p{cn}")
 
     def popen(self, ns: str, argv: list[str], log: str) -> subprocess.Popen:
-        err = open(self.tmp / log, "w")  # noqa: SIM115
-        try:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE, stderr=err,
-                text=True, cwd=REPO_ROOT, start_new_session=True,
-            )  # fmt: skip
-        finally:
-            err.close()
-        self.procs.append(proc)
-        return proc
+        return self.lab.popen(ns, argv, stderr_path=self.tmp / log, cwd=REPO_ROOT)
 
     def stop(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        with contextlib.suppress(ValueError):
-            self.procs.remove(proc)
+        self.lab.stop(proc)
 
     def close(self) -> None:
-        for proc in list(self.procs):
-            self.stop(proc)
-        for ns in reversed(self.namespaces):
-            sh("ip", "netns", "del", ns, check=False)
+        self.lab.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def reset_node(self, cn: str) -> None:
@@ -200,18 +127,9 @@ class Topology:
 
 
 def wait_ready(proc: subprocess.Popen, timeout: float = 30.0) -> dict[str, str]:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("READY"):
-            return dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
-    raise RuntimeError(f"{proc.args[4:7]} printed no READY line (exit {proc.poll()})")
+    """The ``key=value`` words of ``proc``'s READY line (AssertionError without one)."""
+    line = netns.wait_for_line(proc, "READY", timeout)
+    return dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
 
 
 # ------------------------------------------------------------------------------ data paths
@@ -402,20 +320,35 @@ def first_packet(topo: Topology, portolan: Portolan, count: int) -> list[float]:
     fresh = []
     for i in range(count):
         mac = f"02:77:01:{(i >> 8) & 0xFF:02x}:{i & 0xFF:02x}:{(i * 7) & 0xFF:02x}"
-        ip = f"192.168.{78 + i // 250}.{1 + i % 250}"
+        ip = f"192.168.{80 + i // 250}.{1 + i % 250}"
         fresh.append((mac, ip))
     net = portolan.call("POST", "/networks", {
         "name": "bench-fresh", "owner_uuid": OWNER, "vnet_id": VNET, "vlan_id": 0,
-        "subnet": "192.168.76.0/22", "provision_start": "192.168.78.1",
-        "provision_end": "192.168.79.250", "gateway": "192.168.76.1",
+        "subnet": "192.168.80.0/22", "provision_start": "192.168.80.1",
+        "provision_end": "192.168.83.250", "gateway": "192.168.83.254",
     })  # fmt: skip
     for mac, ip in fresh:
         portolan.call("POST", "/vnics", {
             "network_uuid": net["uuid"], "cn_uuid": CNS["cn2"][0], "mac": mac, "ip": ip,
             "owner_uuid": OWNER,
         })  # fmt: skip
+    # Creating a VNIC writes VL3 shootdowns for the vnet, and cn1's varpd installs what they
+    # name (neighbour + fdb entries) ahead of any traffic. Once it has, take them out again
+    # (the kernel's neighbour entries, and the fdb through varpdadm so varpd's mirror agrees),
+    # so every first packet below is a real L3 miss answered over SVP.
+    cn1 = topo.ns["cn1"]
+    vx = json.loads(sh("ip", "-j", "-n", cn1, "link", "show", "type", "vxlan").stdout)[0]["ifname"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        neigh = json.loads(sh("ip", "-j", "-n", cn1, "neigh", "show", "dev", vx).stdout or "[]")
+        if fresh[-1][1] in {n.get("dst") for n in neigh}:
+            break
+        time.sleep(0.1)
+    sh("ip", "-n", cn1, "neigh", "flush", "dev", vx, "nud", "permanent")
+    sh("ip", "netns", "exec", cn1, sys.executable, "-m", "varpd.adm", "--socket",
+       str(topo.tmp / "cn1.sock"), "cache", "flush", "overlay0")  # fmt: skip
     # the fresh addresses are on-link for t1: a route for their /22 on its eth0
-    sh("ip", "-n", topo.ns["t1"], "route", "add", "192.168.76.0/22", "dev", "eth0")
+    sh("ip", "-n", topo.ns["t1"], "route", "add", "192.168.80.0/22", "dev", "eth0")
     with in_netns(topo.ns["t2"]):
         rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
         rx.bind(("eth0", 0))
@@ -455,7 +388,7 @@ def run(quick: bool = False, seconds: float | None = None, fresh: int | None = N
     if why:
         return {"skipped": why, "summary": []}
     seconds = seconds or (2.0 if quick else 8.0)
-    fresh = fresh or (20 if quick else 250)
+    fresh = min(fresh or (20 if quick else 250), 1000)  # the fresh /22 holds 1,000
     result: dict[str, Any] = {"seconds": seconds, "fresh_addresses": fresh, "errors": {}}
     rates: dict[str, float] = {}
     topo = Topology()
@@ -488,7 +421,7 @@ def run(quick: bool = False, seconds: float | None = None, fresh: int | None = N
                     topo.stop(proc)
                 for cn in CNS:
                     topo.reset_node(cn)
-                sh("ip", "-n", topo.ns["t1"], "route", "del", "192.168.76.0/22", check=False)
+                sh("ip", "-n", topo.ns["t1"], "route", "del", "192.168.80.0/22", check=False)
     finally:
         topo.close()
     result["tool"] = tool

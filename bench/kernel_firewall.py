@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, percentile, print_table, write_results
+from lab import netns
 
 THROUGHPUT_GOAL = 0.90
 ENFORCE_P99_GOAL = 1.0
@@ -58,10 +59,7 @@ IPERF_PORT = 5201
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip()}")
-    return proc
+    return netns.run(*argv, check=check, timeout=120)
 
 
 # ------------------------------------------------------------------------------ policies
@@ -143,9 +141,7 @@ class BridgeLab:
         p = f"kfb{os.getpid():x}"
         self.b, self.c, self.s = p + "b", p + "c", p + "s"
         for ns in (self.b, self.c, self.s):
-            _run("ip", "netns", "del", ns, check=False)
-            _run("ip", "netns", "add", ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            netns.add_ns(ns, ipv6=True)
         _run("ip", "-n", self.b, "link", "add", "br0", "type", "bridge")
         for port, ns, ip in (("v0", self.s, SERVER_IP), ("up0", self.c, CLIENT_IP)):
             _run("ip", "-n", self.b, "link", "add", port, "type", "veth", "peer", "name", "eth0",
@@ -263,7 +259,7 @@ for line in sys.stdin:
 def measure_enforcement(changes: int) -> dict[str, Any]:
     """API call -> enforced, across portolan + varpd (backend linux); see the docstring."""
     sys.path.insert(0, str(REPO_ROOT))
-    from lab import netns
+    from lab.demo_netns import UDP_ECHO
     from tests.firewall.kernel import test_e2e_linux as e2e
     from tests.linux.conftest import OWNER, sweep_leftovers
 
@@ -283,13 +279,10 @@ def measure_enforcement(changes: int) -> dict[str, Any]:
         ):
             c.api("POST", "/vnics", {"network_uuid": net, "cn_uuid": e2e.cn_uuid(cn), "mac": mac,
                                      "ip": ip, "owner_uuid": OWNER, "belongs_to_uuid": vm})  # fmt: skip
-        c.start_varpd("cn1", e2e.VNET, [(e2e.MAC_A, "fwa")])
-        c.start_varpd("cn2", e2e.VNET, [(e2e.MAC_B, "fwb")])
-        c.tenant("tA")
-        c.tenant("tB")
-        c.plug("cn1", "fwa", "tA", f"{e2e.IP_A}/24")
-        c.plug("cn2", "fwb", "tB", f"{e2e.IP_B}/24")
-        echo = lab.popen(c.ns["tB"], [sys.executable, "-c", e2e.UDP_ECHO, e2e.IP_B, str(e2e.PORT)])
+        c.guests(
+            e2e.VNET, (1, e2e.MAC_A, e2e.IP_A, "fwa", "tA"), (2, e2e.MAC_B, e2e.IP_B, "fwb", "tB")
+        )
+        echo = lab.popen(c.ns["tB"], [sys.executable, "-c", UDP_ECHO, e2e.IP_B, str(e2e.PORT)])
         netns.wait_for_line(echo, "READY", timeout=10)
         c.ping("tA", e2e.IP_B, timeout=15)
         prober = subprocess.Popen(

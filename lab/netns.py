@@ -2,11 +2,12 @@
 
 Two layers:
 
-- blocking helpers for tests (``run``, ``nsexec``, ``in_netns``, ``ping``, ``udp_exchange``,
-  `Namespaces`, ``wait_for_line``): a test builds namespaces with a per-run prefix on a
-  `Namespaces` and ``close()`` (always reached through a fixture finalizer) kills the
-  processes it started, then deletes the namespaces, which takes their veths, vxlans and
-  TAPs with them;
+- blocking helpers for tests and benchmarks (``run``, ``nsexec``, ``in_netns``, ``sysctl``,
+  ``add_ns``, ``sweep``, ``ping``, ``udp_exchange``, `Namespaces`, ``wait_for_line``): a test
+  builds namespaces with a per-run prefix on a `Namespaces` and ``close()`` (always reached
+  through a fixture finalizer) kills the processes it started, then deletes the namespaces,
+  which takes their veths, vxlans and TAPs with them; ``sweep`` deletes what a killed run
+  of the same prefix left behind;
 - `Shell` and `Underlay`, the trio side used by `lab.cluster.Cluster` for
   ``placement="netns"``: commands are run with ``trio.run_process`` and reported to the
   cluster's log as ``$ ip ...`` lines; `Underlay` builds the hub (a namespace with bridge
@@ -15,7 +16,11 @@ Two layers:
 
 `in_netns(name)` switches the *calling thread* into a namespace for a ``with`` block
 (``setns(2)`` through ctypes; Python 3.11 has no ``os.setns``): sockets and TAP devices
-created inside the block belong to that namespace and keep working after the block.
+created inside the block belong to that namespace and keep working after the block. It is
+varpd's (`varpd.firewall.kernel.nftables.in_netns`, which drives nftables in a namespace the
+same way); varpd may not import lab, so lab uses varpd's. `sysctl` writes ``/proc/sys`` from
+a thread inside the namespace, so no ``sysctl`` binary is needed: the kernel half of the lab
+needs ``ip`` (iproute2) and nothing else outside what pip installs.
 
 Addresses live only inside these namespaces; nothing is configured in the caller's namespace.
 `unavailable()` says why the kernel refuses (not root, no /dev/net/tun, no ``ip``, netns or
@@ -25,15 +30,15 @@ veth creation fails), so callers skip with that reason instead of failing.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
+import re
 import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +46,7 @@ import trio
 
 from lab import probe
 from lab.spec import LabError
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+from varpd.firewall.kernel.nftables import CLONE_NEWNET, in_netns
 
 Log = Callable[[str, str], None]
 
@@ -94,24 +97,49 @@ def unavailable() -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def in_netns(ns: str) -> Iterator[None]:
-    """Run the block with the calling thread inside namespace ``ns``; always switches back."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            if _libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - would be fatal
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns back: {os.strerror(err)}")
-    finally:
-        os.close(target)
-        os.close(own)
+def sysctl(ns: str, key: str, value: str | int) -> None:
+    """Set ``key`` (``net.ipv6.conf.all.disable_ipv6``) to ``value`` inside namespace ``ns``:
+    written to ``/proc/sys`` by the calling thread from inside ``ns`` (no ``sysctl`` binary)."""
+    with in_netns(ns), open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+        f.write(str(value))
+
+
+def ipv6_off(ns: str) -> None:
+    """IPv6 off in ``ns`` (``all`` and ``default``): no DAD, RS or MLD noise."""
+    for key in ("all", "default"):
+        sysctl(ns, f"net.ipv6.conf.{key}.disable_ipv6", 1)
+
+
+def add_ns(name: str, *, ipv6: bool = False) -> str:
+    """Create namespace ``name`` with lo up and, unless ``ipv6``, IPv6 off; a namespace of
+    that name (a leftover of a killed run) is deleted first."""
+    run("ip", "netns", "del", name, check=False)
+    run("ip", "netns", "add", name)
+    run("ip", "-n", name, "link", "set", "lo", "up")
+    if not ipv6:
+        ipv6_off(name)
+    return name
+
+
+def sweep(prefix: str, owner: str | None = None) -> list[str]:
+    """Delete the namespaces a killed run left behind; the names deleted.
+
+    Without ``owner``: every namespace whose name starts with ``prefix``. With ``owner``, a
+    regular expression matched against the rest of the name whose first group is the pid
+    (hex) of the process that made it: only those whose process is gone (a run still going,
+    another session's, is left alone); names it does not match are left alone too."""
+    gone = []
+    for line in run("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith(prefix):
+            continue
+        if owner is not None:
+            m = re.match(owner, name[len(prefix) :])
+            if m is None or os.path.exists(f"/proc/{int(m.group(1), 16)}"):
+                continue
+        run("ip", "netns", "del", name, check=False)
+        gone.append(name)
+    return gone
 
 
 def txcsum_off(ns: str, dev: str) -> None:
@@ -179,16 +207,11 @@ class Namespaces:
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen] = []
 
-    def ns(self, name: str) -> str:
-        """Create namespace ``<prefix><name>`` with lo up and IPv6 off (no DAD/RS noise)."""
+    def ns(self, name: str, *, ipv6: bool = False) -> str:
+        """Create namespace ``<prefix><name>`` (see `add_ns`): lo up, IPv6 off unless ``ipv6``."""
         full = self.prefix + name
-        run("ip", "netns", "del", full, check=False)  # a leftover of a killed run
-        run("ip", "netns", "add", full)
-        self.namespaces.append(full)
-        run("ip", "-n", full, "link", "set", "lo", "up")
-        for key in ("all", "default"):
-            run(*nsexec(full, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"))
-        return full
+        self.namespaces.append(full)  # before it exists: close() deletes a half-made one too
+        return add_ns(full, ipv6=ipv6)
 
     def veth(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
         run("ip", "link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b,
@@ -199,6 +222,19 @@ class Namespaces:
     def addr(self, ns: str, dev: str, cidr: str) -> None:
         run("ip", "-n", ns, "addr", "add", cidr, "dev", dev)
 
+    def bridge(self, ns: str, cidr: str, dev: str = "br0") -> None:
+        """A bridge ``dev`` in ``ns``, up, holding ``cidr`` (an underlay hub)."""
+        run("ip", "-n", ns, "link", "add", dev, "type", "bridge")
+        run("ip", "-n", ns, "link", "set", dev, "up")
+        self.addr(ns, dev, cidr)
+
+    def uplink(self, ns: str, cidr: str, hub: str, port: str, dev: str = "ul0") -> None:
+        """``dev`` in ``ns`` holding ``cidr``, a veth whose other end ``port`` is on the
+        bridge ``br0`` of namespace ``hub`` (see `bridge`)."""
+        self.veth(ns, dev, hub, port)
+        run("ip", "-n", hub, "link", "set", port, "master", "br0")
+        self.addr(ns, dev, cidr)
+
     def popen(
         self,
         ns: str | None,
@@ -206,11 +242,15 @@ class Namespaces:
         *,
         stdout: int | None = subprocess.PIPE,
         stderr_path: Path | None = None,
+        append: bool = False,
         env: dict[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
     ) -> subprocess.Popen:
+        """``argv`` in ``ns`` (None: here) in a session of its own, stopped by `close`;
+        stderr to ``stderr_path`` (appended to with ``append``), else discarded."""
         full = nsexec(ns, *argv) if ns else list(argv)
-        err = open(stderr_path, "w") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
+        mode = "a" if append else "w"
+        err = open(stderr_path, mode) if stderr_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             proc = subprocess.Popen(
                 full,
@@ -338,11 +378,7 @@ class Underlay:
         await sh("ip", "netns", "add", name, show=False)
         self.namespaces.append(name)
         await sh("ip", "-n", name, "link", "set", "lo", "up", show=False)
-        for key in ("all", "default"):
-            await sh(
-                "ip", "netns", "exec", name, "sysctl", "-qw",
-                f"net.ipv6.conf.{key}.disable_ipv6=1", show=False,
-            )  # fmt: skip
+        ipv6_off(name)  # two writes to /proc/sys from this thread: too short to matter
         return name
 
     async def build_hub(self, prefixlen: int = 24) -> str:
@@ -381,12 +417,16 @@ __all__ = [
     "Namespaces",
     "Shell",
     "Underlay",
+    "add_ns",
     "in_netns",
+    "ipv6_off",
     "lines",
     "nsexec",
     "ping",
     "run",
     "short",
+    "sweep",
+    "sysctl",
     "txcsum_off",
     "udp_exchange",
     "unavailable",

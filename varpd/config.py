@@ -33,6 +33,11 @@ Top-level keys (all optional; defaults in brackets):
                     [1, 2, 4, 8, 16, 32]
     degrade_after   consecutive connect failures before a connection is degraded, 0..1000 [6]
     version         SVP protocol version to speak, 1 | 2 [1]
+    log_wait        wait for shootdowns with LOG_WAIT when portolan offers it (our SVP
+                    extension); false: always poll LOG_REQ [true]
+    log_wait_time   seconds one LOG_WAIT may be held (the server may grant less), 1..3600 [55]
+    backoff_jitter  each reconnect delay is drawn from [(1 - this) * delay, delay], 0..1 [0.5]
+    reconnect_spread  a reset healthy connection reconnects after U(0, this) seconds [0.5]
 
     [[device]]      one overlay device + its varpd instance, created at start unless restored
     name            link name (letters, digits, _ . -; starts with a letter; <= 31 chars)
@@ -104,6 +109,9 @@ SVP_KEYS: dict[str, tuple[str, float, float, bool]] = {
     "dns_retry": ("seconds", 0, 86400, False),
     "degrade_after": ("int", 0, 1000, True),
     "version": ("int", 1, 2, True),
+    "log_wait_time": ("seconds", 1, 3600, True),
+    "backoff_jitter": ("seconds", 0, 1, True),  # a fraction, parsed as a float
+    "reconnect_spread": ("seconds", 0, 3600, True),
 }
 
 
@@ -424,8 +432,10 @@ def parse_svp(d: object, path: str = "svp") -> dict[str, object]:
     """The ``[svp]`` table: validated `SvpOptions` fields (only the keys given)."""
     if not isinstance(d, dict):
         raise ConfigError(path, "expected a table")
-    _unknown(d, {*SVP_KEYS, "backoff"}, path)
+    _unknown(d, {*SVP_KEYS, "backoff", "log_wait"}, path)
     out: dict[str, object] = {}
+    if "log_wait" in d:
+        out["log_wait"] = _typed(d, "log_wait", f"{path}.log_wait", bool)
     for key, (kind, lo, hi, lo_incl) in SVP_KEYS.items():
         if key in d:
             out[key] = _number(d[key], f"{path}.{key}", kind, lo, hi, lo_incl)

@@ -1,6 +1,7 @@
 """A synchronous two-node Portolan cluster in network namespaces, for driving `portolan-cni`.
 
-Topology (every name carries this run's prefix ``pcni<pid hex>``, swept at start)::
+Topology (every name carries this run's prefix ``pcni<pid hex>x``; what runs whose process
+is gone left behind is swept at start, another live run's namespaces are left alone)::
 
     ns ul : bridge br0 10.77.0.254/24, `portolan serve` (SVP on 10.77.0.254, API on ul's lo);
             the plugin runs here (the "management" namespace a runtime would run in)
@@ -10,26 +11,24 @@ Topology (every name carries this run's prefix ``pcni<pid hex>``, swept at start
 Container namespaces are made by `Cluster.container_ns` (the harness) or by the runtime
 (podman). The plugin is exec'd with ``ip netns exec <ul>`` and the spec's environment; it
 reaches each varpd by its control socket path (a file, valid across network namespaces).
-`Cluster.close()` stops the processes and deletes every namespace this cluster created.
+`Cluster.close()` stops the processes and deletes every namespace this cluster created
+(a `lab.netns.Namespaces`; commands, ``in_netns`` and ``wait_for_line`` are `lab.netns`'s).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from lab import netns
+from lab.netns import in_netns, nsexec, run, wait_for_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "pcni"
@@ -38,19 +37,10 @@ OWNER = "930896af-bf8c-48d4-885c-6573a94b1853"
 HUB_IP = "10.77.0.254"
 SUBNET = "192.168.77.0/24"
 GATEWAY = "192.168.77.1"
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 CNS = {
     "cn1": ("7c0a77e0-0000-4000-8000-000000000001", "10.77.0.1"),
     "cn2": ("7c0a77e0-0000-4000-8000-000000000002", "10.77.0.2"),
 }
-
-
-def run(*argv: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
 
 
 def plugin_path() -> str | None:
@@ -62,24 +52,15 @@ def plugin_path() -> str | None:
 
 
 def sweep() -> None:
-    """Delete namespaces left by killed runs of these tests (our prefix only)."""
-    out = run("ip", "netns", "list", check=False).stdout
-    for line in out.splitlines():
-        name = line.split()[0] if line.split() else ""
-        if name.startswith(PREFIX):
-            run("ip", "netns", "del", name, check=False)
+    """Delete namespaces left by killed runs of these tests (``pcni<pid>x*``, pid gone)."""
+    netns.sweep(PREFIX, r"([0-9a-f]+)x")
 
 
 def unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, TAP devices)"
-    if not os.path.exists("/dev/net/tun"):
-        return "no /dev/net/tun"
-    if shutil.which("ip") is None:
-        return "no `ip` command (iproute2)"
-    if plugin_path() is None:
+    reason = netns.unavailable()  # root, /dev/net/tun, `ip`, a namespace and a veth
+    if reason is None and plugin_path() is None:
         return "portolan-cni is not installed (pip install -e .)"
-    return None
+    return reason
 
 
 def backend_unavailable(backend: str) -> str | None:
@@ -90,28 +71,11 @@ def backend_unavailable(backend: str) -> str | None:
     return None
 
 
-def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 60.0) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith(prefix):
-            return line.strip()
-    raise AssertionError(f"no {prefix!r} line from {proc.args} (exit {proc.poll()})")
-
-
 class Cluster:
     def __init__(self, tmp: Path, backend: str = "udp") -> None:
         self.tmp = tmp
         self.backend = backend
-        self.prefix = f"{PREFIX}{os.getpid() % 0xFFFF:x}"
-        self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen] = []
+        self.lab = netns.Namespaces(tag="x", prefix=PREFIX)  # pcni<pid hex>x
         self.logs: list[Path] = []
         self.ns: dict[str, str] = {}
         self.api_base = ""
@@ -121,51 +85,25 @@ class Cluster:
 
     # -- building ------------------------------------------------------------------------
 
-    def make_ns(self, name: str) -> str:
-        full = self.prefix + name
-        run("ip", "netns", "del", full, check=False)
-        run("ip", "netns", "add", full)
-        self.namespaces.append(full)
-        run("ip", "-n", full, "link", "set", "lo", "up")
-        run("ip", "netns", "exec", full, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-        run("ip", "netns", "exec", full, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
-        return full
-
     def popen(self, ns: str, argv: list[str], log: str) -> subprocess.Popen:
         err_path = self.tmp / f"{log}.err"
         self.logs.append(err_path)
-        with open(err_path, "w") as err:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, *argv],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
-        self.procs.append(proc)
-        return proc
+        return self.lab.popen(ns, argv, stderr_path=err_path, cwd=REPO_ROOT)
 
     def build(self) -> None:
         sweep()
         for name in ("ul", "cn1", "cn2"):
-            self.ns[name] = self.make_ns(name)
+            self.ns[name] = self.lab.ns(name)
         ul = self.ns["ul"]
-        run("ip", "-n", ul, "link", "add", "br0", "type", "bridge")
-        run("ip", "-n", ul, "link", "set", "br0", "up")
-        run("ip", "-n", ul, "addr", "add", f"{HUB_IP}/24", "dev", "br0")
+        self.lab.bridge(ul, f"{HUB_IP}/24")
         for cn, (_, ip) in CNS.items():
-            run("ip", "link", "add", "ul0", "netns", self.ns[cn], "type", "veth",
-                "peer", "name", f"to{cn}", "netns", ul)  # fmt: skip
-            run("ip", "-n", self.ns[cn], "link", "set", "ul0", "up")
-            run("ip", "-n", ul, "link", "set", f"to{cn}", "master", "br0", "up")
-            run("ip", "-n", self.ns[cn], "addr", "add", f"{ip}/24", "dev", "ul0")
+            self.lab.uplink(self.ns[cn], f"{ip}/24", ul, f"to{cn}")
         argv = [sys.executable, "-m", "portolan.cli.main", "serve",
                 "--store", f"sqlite:{self.tmp / 'portolan.db'}",
                 "--svp-listen", f"{HUB_IP}:0", "--api-listen", "127.0.0.1:0",
                 "--metrics-listen", "127.0.0.1:0", "--reload-interval", "0"]  # fmt: skip
         proc = self.popen(ul, argv, "portolan")
-        ready = wait_for_line(proc, "READY").split()
+        ready = wait_for_line(proc, "READY", timeout=60).split()
         addrs = dict(w.split("=", 1) for w in ready[1:])
         svp_port = int(addrs["svp"].rsplit(":", 1)[1])
         self.api_base = f"http://127.0.0.1:{addrs['api'].rsplit(':', 1)[1]}"
@@ -201,21 +139,10 @@ class Cluster:
             self.ns[cn], [sys.executable, "-m", "varpd.cli", "run", "--config", str(config)],
             f"varpd-{cn}",
         )  # fmt: skip
-        wait_for_line(proc, "READY")
+        wait_for_line(proc, "READY", timeout=60)
 
     def close(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        for ns in reversed(self.namespaces):
-            run("ip", "netns", "del", ns, check=False)
+        self.lab.close()
 
     def diagnostics(self) -> str:
         return "\n".join(
@@ -266,22 +193,14 @@ class Cluster:
 
     def container_ns(self) -> str:
         self._containers += 1
-        return self.make_ns(f"k{self._containers}")
+        return self.lab.ns(f"k{self._containers}")
 
     def exec_plugin(
-        self,
-        command: str,
-        conf: dict[str, Any],
-        *,
-        container_id: str = "",
-        netns: str = "",
-        ifname: str = "eth0",
-        args: str = "",
-        timeout: float = 60.0,
+        self, command: str, conf: dict[str, Any], *, timeout: float = 60.0, **runtime: str
     ) -> tuple[int, Any]:
-        """Exec the plugin as a runtime does; (exit status, parsed stdout or None)."""
-        proc = self.spawn_plugin(command, conf, container_id=container_id, netns=netns,
-                                 ifname=ifname, args=args)  # fmt: skip
+        """Exec the plugin as a runtime does (``runtime``: `spawn_plugin`'s ``container_id``,
+        ``netns``, ``ifname``, ``args``); (exit status, parsed stdout or None)."""
+        proc = self.spawn_plugin(command, conf, **runtime)
         return finish_plugin(proc, json.dumps(conf), timeout)
 
     def spawn_plugin(
@@ -304,7 +223,7 @@ class Cluster:
             "CNI_PATH": str(Path(self.plugin).parent),
         }
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns["ul"], self.plugin],
+            nsexec(self.ns["ul"], self.plugin),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -324,22 +243,3 @@ def finish_plugin(proc: subprocess.Popen, stdin: str | None = None, timeout: flo
     except ValueError:
         raise AssertionError(f"plugin printed non-JSON: {text!r}; stderr {err!r}") from None
     return proc.returncode, doc
-
-
-@contextlib.contextmanager
-def in_netns(ns: str) -> Iterator[None]:
-    """Run the block with the calling thread in namespace ``ns`` (sockets made inside stay
-    there); always switches back."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns}")
-        try:
-            yield
-        finally:
-            if _libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - would be fatal
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(target)
-        os.close(own)

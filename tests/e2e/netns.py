@@ -16,6 +16,7 @@ from lab.netns import (
     UDP_ECHO,
     in_netns,
     nsexec,
+    ping,  # lab.probe's raw-socket echo: no `ping` binary needed
     run,
     txcsum_off,
     udp_exchange,
@@ -23,7 +24,6 @@ from lab.netns import (
     wait_for_line,
 )
 from lab.netns import Namespaces as Lab
-from tests.support.icmp_probe import ping  # raw-socket echo: no `ping` binary needed
 
 __all__ = [
     "CLONE_NEWNET",

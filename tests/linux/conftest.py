@@ -9,22 +9,27 @@ Topology (every namespace carries this run's ``plx<pid>`` prefix; see `lab.netns
 
 `KernelCluster` is the test's handle: the portolan API (from inside ns ul), ``varpdadm``
 against each node's control socket, node restarts, the kernel tables of a node's vxlan
-device read with pyroute2 inside that namespace, and traffic from `tenant.py` run inside a
-tenant namespace. The fixture sweeps leftovers of the prefix first and removes everything
-it made on the way out, failures included.
+device read with pyroute2 inside that namespace, ICMP echo from `lab.netns.ping` and TCP/ARP
+traffic from `tenant.py` run inside a tenant namespace. The fixture sweeps leftovers of the
+prefix first and removes everything it made on the way out, failures included.
+
+Other suites drive the same processes on their own namespaces: a subclass moves the
+underlay (``hub_ip``, ``underlay``), portolan's API (``api_host``, ``portolan_args``,
+``api_headers``) or the nodes' ``log_level`` (tests/e2e/test_netns_overlay.py: udp backend;
+tests/firewall/kernel/test_e2e_linux.py: the API on the underlay, for varpd's firewall).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -50,15 +55,19 @@ def cn_ip(n: int) -> str:
 def sweep_leftovers() -> None:
     """Delete ``plx<pid>x*`` namespaces whose test process is gone (a killed run); those of
     a run still going (another engineer's, a parallel session) are left alone."""
-    out = netns.run("ip", "netns", "list", check=False).stdout
-    for line in out.splitlines():
-        name = line.split()[0] if line.split() else ""
-        m = re.match(rf"^{PREFIX}([0-9a-f]+)x", name)
-        if m and not os.path.exists(f"/proc/{int(m.group(1), 16)}"):
-            netns.run("ip", "netns", "del", name, check=False)
+    netns.sweep(PREFIX, r"([0-9a-f]+)x")
 
 
 class KernelCluster:
+    """portolan and a ``varpd run`` per node in the namespaces of ``lab`` (see above)."""
+
+    hub_ip = PORTOLAN_IP  # bridge br0 in ns ul: portolan's SVP listens here
+    underlay = "10.77.0"  # node N's ul0 is <underlay>.N/24
+    api_host = "127.0.0.1"  # portolan's API, in ns ul
+    api_headers: dict[str, str] = {}
+    portolan_args: tuple[str, ...] = ()  # more `portolan serve` arguments
+    log_level: str | None = "DEBUG"  # the nodes' varpd log_level (None: varpd's default)
+
     def __init__(self, lab: netns.Namespaces, tmp: Path) -> None:
         self.lab = lab
         self.tmp = tmp
@@ -72,53 +81,62 @@ class KernelCluster:
 
     # -- building -----------------------------------------------------------------------
 
+    def cn_ip(self, n: int) -> str:
+        return f"{self.underlay}.{n}"
+
     def build(self, cns: int) -> None:
+        """ns ul (bridge, `portolan serve`), nodes cn1..cn<cns>, each registered (PUT /cns)."""
         ul = self.ns["ul"] = self.lab.ns("ul")
-        netns.run("ip", "-n", ul, "link", "add", "br0", "type", "bridge")
-        netns.run("ip", "-n", ul, "link", "set", "br0", "up")
-        self.lab.addr(ul, "br0", f"{PORTOLAN_IP}/24")
+        self.lab.bridge(ul, f"{self.hub_ip}/24")
         for n in range(1, cns + 1):
             self.add_node(n)
         store = f"sqlite:{self.tmp / 'portolan.db'}"
         err = self.tmp / "portolan.err"
         self.logs.append(err)
         argv = [sys.executable, "-m", "portolan.cli.main", "serve", "--store", store,
-                "--svp-listen", f"{PORTOLAN_IP}:0", "--api-listen", "127.0.0.1:0",
-                "--metrics-listen", "127.0.0.1:0", "--reload-interval", "0"]  # fmt: skip
+                "--svp-listen", f"{self.hub_ip}:0", "--api-listen", f"{self.api_host}:0",
+                "--metrics-listen", "127.0.0.1:0", "--reload-interval", "0",
+                *self.portolan_args]  # fmt: skip
         proc = self.lab.popen(ul, argv, stderr_path=err, cwd=REPO_ROOT)
         ready = parse_ready(netns.wait_for_line(proc, "READY", timeout=60))
         self.svp_port = ready["svp"][1]
-        self.api_base = f"http://127.0.0.1:{ready['api'][1]}"
+        self.api_base = f"http://{self.api_host}:{ready['api'][1]}"
         for n in range(1, cns + 1):
-            self.api("PUT", f"/cns/{cn_uuid(n)}", {"ip": cn_ip(n), "port": UL_PORT})
+            self.api("PUT", f"/cns/{cn_uuid(n)}", {"ip": self.cn_ip(n), "port": UL_PORT})
 
     def add_node(self, n: int) -> str:
-        """Namespace ``cnN`` on the underlay hub with address 10.77.0.N."""
+        """Namespace ``cnN`` on the underlay hub with address <underlay>.N."""
         cn = f"cn{n}"
-        ul = self.ns["ul"]
         self.ns[cn] = self.lab.ns(cn)
-        self.lab.veth(self.ns[cn], "ul0", ul, f"to{cn}")
-        netns.run("ip", "-n", ul, "link", "set", f"to{cn}", "master", "br0")
-        self.lab.addr(self.ns[cn], "ul0", f"{cn_ip(n)}/24")
+        self.lab.uplink(self.ns[cn], f"{self.cn_ip(n)}/24", self.ns["ul"], f"to{cn}")
         return self.ns[cn]
 
     def tenant(self, name: str, ipv6: bool = False) -> str:
         ns = self.ns[name] = self.lab.ns(name)
         if ipv6:
-            self.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "0")
-            self.sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "0")
+            netns.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", 0)
+            netns.sysctl(ns, "net.ipv6.conf.default.disable_ipv6", 0)
         return ns
 
-    @staticmethod
-    def sysctl(ns: str, key: str, value: str) -> None:
-        path = "/proc/sys/" + key.replace(".", "/")
-        code = f"open({path!r}, 'w').write({value!r})"
-        netns.run(*netns.nsexec(ns, sys.executable, "-c", code))
+    def tenants(self, *plugs: tuple[str, str, str, str], ipv6: bool = False) -> None:
+        """For each ``(cn, ifname, tenant, cidr)``: the tenant's namespace, then `plug`."""
+        for _cn, _ifname, tenant, _cidr in plugs:
+            self.tenant(tenant, ipv6=ipv6)
+        for plug in plugs:
+            self.plug(*plug)
+
+    def guests(self, vnet: int, *guests: tuple[int, str, str, str, str]) -> None:
+        """For each ``(N, mac, ip, ifname, tenant)``: varpd on cnN (backend linux, svp) with
+        the VNIC (tenant end ``ifname``), then `tenants` with ``ip``/24."""
+        for n, mac, _ip, ifname, _tenant in guests:
+            self.start_varpd(f"cn{n}", vnet, [(mac, ifname)])
+        self.tenants(*((f"cn{n}", ifname, t, f"{ip}/24") for n, _m, ip, ifname, t in guests))
 
     # -- portolan -------------------------------------------------------------------------
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        with netns.in_netns(self.ns["ul"]), httpx.Client(timeout=10) as client:
+        headers = self.api_headers
+        with netns.in_netns(self.ns["ul"]), httpx.Client(timeout=10, headers=headers) as client:
             resp = client.request(method, self.api_base + path, json=body)
         assert resp.status_code < 300, f"{method} {path}: {resp.status_code} {resp.text}"
         return resp.json() if resp.content else None
@@ -151,11 +169,11 @@ class KernelCluster:
         extra_props: dict[str, Any] | None = None,
     ) -> None:
         n = int(cn[2:])
-        ip = cn_ip(n)
+        ip = self.cn_ip(n)
         props = {
             "vxlan/listen_ip": ip,
             "vxlan/listen_port": UL_PORT,
-            "svp/host": PORTOLAN_IP,
+            "svp/host": self.hub_ip,
             "svp/port": self.svp_port,
             "svp/underlay_ip": ip,
             "svp/underlay_port": UL_PORT,
@@ -172,7 +190,7 @@ class KernelCluster:
             'metrics = "127.0.0.1:0"',
             f'backend = "{backend}"',
             "lookup_workers = 4",
-            'log_level = "DEBUG"',
+            *([f'log_level = "{self.log_level}"'] if self.log_level else []),
             "",
             "[[device]]",
             'name = "overlay0"',
@@ -194,16 +212,7 @@ class KernelCluster:
         with open(err, "a") as f:
             f.write(f"--- start {time.strftime('%X')}\n")
         argv = [sys.executable, "-m", "varpd.cli", "run", "--config", str(self.configs[cn])]
-        full = netns.nsexec(self.ns[cn], *argv)
-        errf = open(err, "a")  # noqa: SIM115
-        try:
-            proc = subprocess.Popen(
-                full, stdout=subprocess.PIPE, stderr=errf, text=True, cwd=REPO_ROOT,
-                start_new_session=True,
-            )  # fmt: skip
-        finally:
-            errf.close()
-        self.lab.procs.append(proc)
+        proc = self.lab.popen(self.ns[cn], argv, stderr_path=err, append=True, cwd=REPO_ROOT)
         ready = netns.wait_for_line(proc, "READY", timeout=30)
         metrics = next(w for w in ready.split() if w.startswith("metrics="))
         self.metrics[cn] = f"http://{metrics.partition('=')[2]}/metrics"
@@ -295,10 +304,11 @@ class KernelCluster:
         return self.lab.popen(self.ns[tenant], argv, env=env)
 
     def ping(self, tenant: str, dst: str, timeout: float = 10.0) -> float:
-        """Seconds until the first echo reply; fails the test after ``timeout``."""
+        """Seconds until the first echo reply (ICMP or ICMPv6, `lab.netns.ping`); fails the
+        test after ``timeout``."""
         t0 = time.monotonic()
-        proc = self.run_tenant(tenant, "ping6" if ":" in dst else "ping", dst, str(timeout))
-        assert proc.returncode == 0, f"{tenant} -> {dst}: {proc.stdout}{proc.stderr}\n{self.diag()}"
+        ok, out = netns.ping(self.ns[tenant], dst, count=1, deadline=timeout)
+        assert ok, f"{tenant} -> {dst}: {out}\n{self.diag()}"
         return time.monotonic() - t0
 
     def tcp(
@@ -346,21 +356,30 @@ class KernelCluster:
         return "\n".join(out)
 
 
-@pytest.fixture
-def kcluster(tmp_path: Path) -> Iterator[KernelCluster]:
-    reason = netns.unavailable()
-    if reason:
-        pytest.skip(reason)
-    sweep_leftovers()
-    lab = netns.Namespaces(tag="x", prefix=PREFIX)
-    c = KernelCluster(lab, tmp_path)
+C = TypeVar("C", bound=KernelCluster)
+
+
+@contextlib.contextmanager
+def managed(c: C) -> Iterator[C]:
+    """``c`` for the block: its logs printed when the block fails, its namespaces (and the
+    processes in them) removed after it in any case."""
     try:
         yield c
     except BaseException:
         print(c.diag())
         raise
     finally:
-        lab.close()
+        c.lab.close()
+
+
+@pytest.fixture
+def kcluster(tmp_path: Path) -> Iterator[KernelCluster]:
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
+    sweep_leftovers()
+    with managed(KernelCluster(netns.Namespaces(tag="x", prefix=PREFIX), tmp_path)) as c:
+        yield c
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -375,4 +394,4 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1)
         time.sleep(interval)
 
 
-__all__ = ["KernelCluster", "cn_ip", "cn_uuid", "kcluster", "wait_until", "os"]
+__all__ = ["KernelCluster", "cn_ip", "cn_uuid", "kcluster", "managed", "wait_until", "os"]

@@ -1,9 +1,8 @@
 """Traffic helpers run *inside* a tenant namespace (``ip netns exec NS python3 tenant.py``).
 
-No ping/iperf binaries: ICMP echo over a raw socket, TCP over sockets, ARP over AF_PACKET.
+No iperf binary: TCP over sockets, ARP over AF_PACKET (ICMP echo is `lab.probe`'s, run by
+`lab.netns.ping`).
 
-    tenant.py ping DST TIMEOUT            one echo reply within TIMEOUT s -> exit 0
-    tenant.py ping6 DST TIMEOUT           the same over ICMPv6
     tenant.py tcp-server PORT             accept one connection, echo everything, exit
     tenant.py tcp-client DST PORT BYTES [PAUSE]   send BYTES (PAUSE s between 64 KiB
                                           blocks), expect them back; prints MB/s
@@ -17,48 +16,6 @@ import socket
 import struct
 import sys
 import time
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def ping(dst: str, timeout: float, v6: bool = False) -> int:
-    ident = os.getpid() & 0xFFFF
-    if v6:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
-        kind, reply = 128, 129
-    else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        kind, reply = 8, 0
-    deadline = time.monotonic() + timeout
-    seq = 0
-    while time.monotonic() < deadline:
-        seq += 1
-        payload = b"portolan-linux" + struct.pack("!d", time.time())
-        header = struct.pack("!BBHHH", kind, 0, 0, ident, seq)
-        csum = 0 if v6 else _checksum(header + payload)  # the kernel fills ICMPv6's
-        sock.sendto(struct.pack("!BBHHH", kind, 0, csum, ident, seq) + payload, (dst, 0))
-        until = min(deadline, time.monotonic() + 0.2)
-        while time.monotonic() < until:
-            sock.settimeout(max(0.001, until - time.monotonic()))
-            try:
-                data, _ = sock.recvfrom(2048)
-            except TimeoutError:
-                break
-            icmp = data if v6 else data[(data[0] & 0x0F) * 4 :]
-            if len(icmp) >= 8 and icmp[0] == reply:
-                _, _, _, rid, _ = struct.unpack("!BBHHH", icmp[:8])
-                if rid == ident:
-                    print(f"reply from {dst} after {seq} request(s)")
-                    return 0
-    print(f"no reply from {dst} within {timeout}s")
-    return 1
 
 
 def tcp_server(port: int) -> int:
@@ -150,8 +107,6 @@ def arp_hammer(ifname: str, ip: str, rate: float, seconds: float) -> int:
 
 def main(argv: list[str]) -> int:
     cmd = argv[0]
-    if cmd in ("ping", "ping6"):
-        return ping(argv[1], float(argv[2]), v6=cmd == "ping6")
     if cmd == "tcp-server":
         return tcp_server(int(argv[1]))
     if cmd == "tcp-client":

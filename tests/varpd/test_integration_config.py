@@ -97,6 +97,10 @@ def _svp(**kw: object) -> dict[str, object]:
         (_svp(backoff=[]), "svp.backoff"),
         (_svp(backoff="1,2"), "svp.backoff"),
         (_svp(backoff=[1, -2]), "svp.backoff[1]"),
+        (_svp(log_wait="yes"), "svp.log_wait"),
+        (_svp(log_wait_time=0.5), "svp.log_wait_time"),
+        (_svp(backoff_jitter=1.5), "svp.backoff_jitter"),
+        (_svp(reconnect_spread=-1), "svp.reconnect_spread"),
     ],
 )
 def test_bad_new_keys_are_refused_naming_the_key(doc: dict[str, Any], key: str) -> None:
@@ -114,6 +118,13 @@ def test_svp_table_becomes_the_shared_svp_options(tmp_path: Path) -> None:
     assert isinstance(options, SvpOptions)
     assert options.connect_wait == 1.0 and options.retries == 0 and options.log_count == 512
     assert options.query_timeout == SvpOptions().query_timeout  # untouched keys keep defaults
+
+
+def test_svp_extension_keys_reach_the_shared_options(tmp_path: Path) -> None:
+    svp = {"log_wait": False, "log_wait_time": 20, "backoff_jitter": 0, "reconnect_spread": 2}
+    options = Varpd(parse_config({"state_dir": str(tmp_path), "svp": svp})).shared["svp:options"]
+    assert options.log_wait is False and options.log_wait_time == 20.0
+    assert options.backoff_jitter == 0.0 and options.reconnect_spread == 2.0
 
 
 def test_no_svp_table_leaves_the_plugin_defaults(tmp_path: Path) -> None:

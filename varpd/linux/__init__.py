@@ -20,6 +20,11 @@ Modules (each says more):
 - `driver`   `LinuxDriver`, the upcall interface of ``varpd.shim.OverlayDriver`` on these;
 - `spoof`    the nftables spoof defence on the underlay.
 
+What is not kernel work -- the device table, the argument and property checks, association,
+degrade/restore/status, the upcall counters -- is `varpd.shim.bookkeeping`'s: it is the base
+of `LinuxDevice` and `LinuxDriver` as it is of the shim's device and driver, so the two
+backends accept, refuse and report alike.
+
 Invariants: every kernel object varpd creates has a ``pv`` name (`names.is_own`) and only
 those are ever deleted; no netlink or file I/O runs on the trio thread; a failed creation
 leaves nothing behind and names the failed step with the kernel's message.

@@ -38,6 +38,12 @@ daemon once restored and config devices exist) deletes host ends no VNIC claimed
 ``run`` ends nothing is deleted: the kernel keeps forwarding with what it knows, and a veth
 moved into a tenant namespace keeps working across a varpd restart.
 
+Device bookkeeping (the device table, the checks of create/activate/delete/associate/
+set_prop, degrade/restore/status, VNIC lookup, the counters of respond/drop) is
+`varpd.shim.bookkeeping`'s, shared with the shim's `OverlayDriver` so both drivers accept
+and report alike; ``associate``/``disassociate`` call back ``_install_target`` (POINT: the
+default fdb entry) and ``_release_target`` (the tracker forgets the device's misses).
+
 For the kernel firewall (issue 15): `LinuxDevice.bridge`, `LinuxVnic.host_ifname` (the
 VNIC's bridge port), `LinuxDriver.bridge_of`/`ports_of`, and `add_vnic_listener(callback)`;
 the callback gets ``("added" | "removed", vnic)`` after the kernel change.
@@ -46,13 +52,11 @@ the callback gets ``("added" | "removed", vnic)`` after the kernel change.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from protocol import vxlan
 from protocol.addr import ZERO_MAC, format_mac
 from varpd.linux import devices, names
 from varpd.linux.misses import (
@@ -60,14 +64,13 @@ from varpd.linux.misses import (
     DEFAULT_NEGATIVE_TTL,
     MissTracker,
 )
+from varpd.linux.model import DEVICE_COUNTERS as DEVICE_COUNTERS
 from varpd.linux.model import (
     LinuxDevice,
     LinuxVnic,
-    _check_mac,
     _every_power_of_two,
     _mac_text,
     _point_of,
-    _uint,
 )
 from varpd.linux.netlink import (
     KernelError,
@@ -77,48 +80,33 @@ from varpd.linux.netlink import (
     PacketSender,
     classify,
 )
+from varpd.linux.upcalls import ICMPV6_NA as ICMPV6_NA
 from varpd.linux.upcalls import UpcallsMixin
-from varpd.shim.device import MTU_MAX, MTU_MIN, validate_listen_ip
+from varpd.shim.bookkeeping import PROPERTY_NAMES as PROPERTY_NAMES
+from varpd.shim.bookkeeping import UPCALL_COUNTERS, check_vnic_address
 from varpd.shim.types import (
     AlreadyExists,
-    DeviceBusy,
-    DeviceStatus,
     InvalidArgument,
-    NoSuchDevice,
     NoSuchEntry,
-    NoSuchProperty,
-    NotAssociated,
     NotSupported,
     Point,
-    ReadOnlyProperty,
     TargetMode,
 )
 
 log = logging.getLogger("varpd.linux")
 
-ICMPV6_NA = 136
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,31}")
-PROPERTY_NAMES = ("mtu", "vnetid", "encap", "varpd/id", "vxlan/listen_ip", "vxlan/listen_port")
 VLAN_UNSUPPORTED = (
     "VLAN ids other than 0 need bridge VLAN filtering, which this kernel's linux backend does "
     "not use (see README, 'The kernel data path'); use the udp backend for tagged VNICs"
 )
 
-DRIVER_COUNTERS = (
-    "lookups",
-    "responds",
-    "drops",
-    "stale_lookups",
-    "unknown_requests",
-    "injects",
-    "resends",
+DRIVER_COUNTERS = UPCALL_COUNTERS + (
     "kernel_writes",
     "kernel_errors",
     "netlink_overflows",
     "announcements",
 )
 # plus the tracker's counters (varpd.linux.misses.TRACKER_COUNTERS) and spoofed_dropped
-DEVICE_COUNTERS = ("lookups", "injected", "resent", "neigh_installed", "fdb_installed")
 
 VnicListener = Callable[[str, "LinuxVnic"], None]
 
@@ -134,11 +122,9 @@ class LinuxDriver(UpcallsMixin):
         max_waiting_lookups: int = DEFAULT_MAX_WAITING,
         negative_ttl: float = DEFAULT_NEGATIVE_TTL,
     ) -> None:
+        super().__init__(DRIVER_COUNTERS)
         self.tracker = MissTracker(max_waiting_lookups, negative_ttl)
-        self.counters: dict[str, int] = dict.fromkeys(DRIVER_COUNTERS, 0)
-        self.degraded_count = 0
         self.nl = Netlink()
-        self._devices: dict[str, LinuxDevice] = {}
         self._by_vx: dict[int, LinuxDevice] = {}
         self._events: NeighEvents | None = None
         self._sender: PacketSender | None = None
@@ -320,67 +306,21 @@ class LinuxDriver(UpcallsMixin):
 
     # ------------------------------------------------------------------ devices
 
-    def device(self, name: str) -> LinuxDevice:
-        try:
-            return self._devices[name]
-        except KeyError:
-            raise NoSuchDevice(f"no overlay device named {name!r}") from None
-
-    def devices(self) -> list[str]:
-        return sorted(self._devices)
-
     def create_device(self, name: str, vnet_id: int, encap: str = "vxlan") -> LinuxDevice:
         if encap != "vxlan":
             raise InvalidArgument(f"unknown encapsulation {encap!r}; known: vxlan")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise InvalidArgument(
-                f"invalid overlay name {name!r}: use 1-31 letters, digits, '_', '.' or '-'"
-            )
-        if name in self._devices:
-            raise AlreadyExists(f"an overlay device named {name!r} already exists")
-        if isinstance(vnet_id, bool) or not isinstance(vnet_id, int):
-            raise InvalidArgument(f"vnetid must be an integer, not {vnet_id!r}")
-        if not 0 <= vnet_id <= vxlan.VNI_MAX:
-            raise InvalidArgument(f"vnetid must be 0..{vxlan.VNI_MAX} for vxlan, got {vnet_id}")
-        for other in self._devices.values():
-            if other.vnet_id == vnet_id:
-                raise AlreadyExists(
-                    f"overlay {other.name} already uses vnetid {vnet_id} with vxlan; "
-                    "a (vnetid, encap) pair is unique per node"
-                )
+        self._check_new_device(name, vnet_id, encap)
         dev = LinuxDevice(name, vnet_id)
         self._devices[name] = dev
         return dev
 
     def set_prop(self, name: str, prop: str, value: object) -> None:
+        """Recorded (checks: `DeviceRecord.set_prop`); a new mtu also goes to the host ends."""
         dev = self.device(name)
-        if prop not in PROPERTY_NAMES:
-            raise NoSuchProperty(
-                f"overlay {name} has no property {prop!r}; known: {', '.join(PROPERTY_NAMES)}"
-            )
-        if dev.activated:
-            raise NotSupported(
-                f"overlay {name} is activated; its properties can no longer be changed"
-            )
-        if prop in ("encap", "varpd/id", "vnetid"):
-            raise ReadOnlyProperty(f"property {prop} of overlay {name} is read-only")
+        dev.set_prop(prop, value)
         if prop == "mtu":
-            mtu = _uint(prop, value)
-            if not MTU_MIN <= mtu <= MTU_MAX:
-                raise InvalidArgument(f"mtu must be {MTU_MIN}..{MTU_MAX}, got {mtu}")
-            dev.mtu = mtu
             for vnic in dev.vnics.values():
-                self._enqueue(f"mtu of {vnic.host_ifname}", _set_mtu, vnic.host_ifname, mtu)
-        elif prop == "vxlan/listen_ip":
-            dev.listen_ip = validate_listen_ip(value)
-        elif prop == "vxlan/listen_port":
-            port = _uint(prop, value)
-            if not 1 <= port <= 65535:
-                raise InvalidArgument(f"vxlan/listen_port must be 1..65535, got {port}")
-            dev.listen_port = port
-
-    def get_props(self, name: str) -> dict[str, object]:
-        return self.device(name).props()
+                self._enqueue(f"mtu of {vnic.host_ifname}", _set_mtu, vnic.host_ifname, dev.mtu)
 
     async def _ensure_bridge(self, dev: LinuxDevice) -> None:
         if not dev.br_ifindex:
@@ -388,14 +328,7 @@ class LinuxDriver(UpcallsMixin):
 
     async def activate(self, name: str) -> None:
         dev = self.device(name)
-        if dev.activated:
-            raise AlreadyExists(f"overlay {name} is already activated")
-        if dev.listen_ip is None:
-            raise InvalidArgument(
-                f"overlay {name}: unset required property vxlan/listen_ip; set it first"
-            )
-        if not dev.associated:
-            raise NotAssociated(f"overlay {name} has no varpd associated; associate it first")
+        self._check_activatable(dev)
         await self._ensure_bridge(dev)
         dev.vx_ifindex = await self.nl.call(
             devices.create_vxlan,
@@ -420,10 +353,7 @@ class LinuxDriver(UpcallsMixin):
 
     async def delete_device(self, name: str) -> None:
         dev = self.device(name)
-        if dev.vnics:
-            raise DeviceBusy(
-                f"overlay {name} still has {len(dev.vnics)} VNIC(s); remove them first"
-            )
+        self._check_no_vnics(dev)
         self.tracker.forget(name)
         if self.spoof is not None and dev.activated:
             self.spoof.remove_port(dev.listen_port)
@@ -434,72 +364,18 @@ class LinuxDriver(UpcallsMixin):
                 await self.nl.call(devices.delete_link, link)
             except KernelError as exc:
                 log.error("deleting %s of %s: %s", link, name, exc)
-        if dev.degraded:
-            self.degraded_count -= 1
-        del self._devices[name]
+        self._forget_device(dev)
 
     # ------------------------------------------------------------------ association
 
-    def associate(
-        self, name: str, varpd_id: int, mode: TargetMode, point: Point | None = None
-    ) -> None:
-        dev = self.device(name)
-        if dev.associated:
-            raise AlreadyExists(
-                f"overlay {name} is already associated with varpd id {dev.varpd_id}"
-            )
-        if isinstance(varpd_id, bool) or not isinstance(varpd_id, int) or varpd_id <= 0:
-            raise InvalidArgument(f"varpd id must be a positive integer, got {varpd_id!r}")
-        try:
-            mode = TargetMode(mode)
-        except ValueError:
-            raise InvalidArgument(f"unknown target mode {mode!r}") from None
+    def _install_target(self, dev: LinuxDevice, mode: TargetMode, point: Point | None) -> None:
         if mode == TargetMode.POINT:
-            if not isinstance(point, Point):
-                raise InvalidArgument(f"overlay {name}: POINT mode needs a destination point")
             dev.point = point
             if dev.activated:
                 self._install_default(dev)
-        elif mode != TargetMode.DYNAMIC:
-            raise InvalidArgument(f"overlay {name}: target mode must be POINT or DYNAMIC")
-        dev.mode = mode
-        dev.varpd_id = varpd_id
-        dev.associated = True
 
-    def disassociate(self, name: str) -> None:
-        dev = self.device(name)
-        if not dev.associated:
-            raise NotAssociated(f"overlay {name} is not associated with a varpd")
-        dev.associated = False
-        dev.varpd_id = None
-        self.tracker.forget(name)
-
-    def degrade(self, name: str, message: str) -> None:
-        dev = self.device(name)
-        dev.message = str(message)[:255]
-        if not dev.degraded:
-            dev.degraded = True
-            self.degraded_count += 1
-
-    def restore(self, name: str) -> None:
-        dev = self.device(name)
-        if dev.degraded:
-            dev.degraded = False
-            self.degraded_count -= 1
-        dev.message = ""
-
-    def status(self, name: str) -> DeviceStatus:
-        dev = self.device(name)
-        return DeviceStatus(
-            name=name,
-            state="activated" if dev.activated else "created",
-            associated=dev.associated,
-            varpd_id=dev.varpd_id,
-            mode=dev.mode,
-            degraded=dev.degraded,
-            message=dev.message,
-            counters=dict(dev.counters),
-        )
+    def _release_target(self, dev: LinuxDevice) -> None:
+        self.tracker.forget(dev.name)
 
     # ------------------------------------------------------------------ VNICs
 
@@ -514,11 +390,7 @@ class LinuxDriver(UpcallsMixin):
     ) -> LinuxVnic:
         """Create (or adopt after a restart) the VNIC's veth pair in the device's bridge."""
         dev = self.device(name)
-        _check_mac(mac)
-        if mac[0] & 1 or mac == ZERO_MAC:
-            raise InvalidArgument(f"VNIC MAC {format_mac(mac)} must be a non-zero unicast MAC")
-        if isinstance(vlan, bool) or not isinstance(vlan, int) or not 0 <= vlan <= 4094:
-            raise InvalidArgument(f"VLAN id must be 0..4094, got {vlan!r}")
+        check_vnic_address(mac, vlan)
         if vlan != 0:
             raise NotSupported(f"VNIC {format_mac(mac)} on VLAN {vlan}: {VLAN_UNSUPPORTED}")
         if mac in dev.vnics:
@@ -561,15 +433,6 @@ class LinuxDriver(UpcallsMixin):
         await self.nl.call(devices.delete_link, vnic.host_ifname)
         del dev.vnics[mac]
         self._notify("removed", vnic)
-
-    def vnic(self, name: str, mac: bytes) -> LinuxVnic:
-        try:
-            return self.device(name).vnics[mac]
-        except KeyError:
-            raise NoSuchEntry(f"overlay {name} has no VNIC {format_mac(mac)}") from None
-
-    def vnics(self, name: str) -> list[LinuxVnic]:
-        return sorted(self.device(name).vnics.values(), key=lambda v: v.mac)
 
     # ------------------------------------------------------------------ for the firewall
 

@@ -1,10 +1,15 @@
 """The upcall half of `LinuxDriver`: what the daemon and the plugins call while looking
 things up (``next_lookup``, ``respond``, ``drop``, ``inject``, ``resend``) and the target
 cache (``cache_*``), all on the kernel's vxlan fdb and neighbour table. See
-`varpd.linux.driver` for the whole picture; this mixin only needs the driver's ``tracker``,
-``counters``, ``spoof``, ``device()``/``_devices``, ``_sender`` and ``_enqueue`` (the
-ordered queue of kernel writes). Everything here is synchronous and runs in the trio thread
-except ``next_lookup``, which waits for the next kernel miss.
+`varpd.linux.driver` for the whole picture. Everything here is synchronous and runs in the
+trio thread except ``next_lookup``, which waits for the next kernel miss.
+
+The class's base is `varpd.shim.bookkeeping.DeviceTable`, which the shim's driver shares: it
+holds ``counters``, ``device()``/``_devices``, the checks and counters of ``respond``/``drop``
+(this class supplies ``_claim``, ``_respond`` and ``_drop``), the DYNAMIC-mode check of the
+``cache_*`` calls (``_dynamic``, ``_check_cache_set``) and the `LookupRequest` made of a
+miss's frame. Of the driver it needs ``tracker``, ``spoof``, ``_sender`` and ``_enqueue``
+(the ordered queue of kernel writes).
 """
 
 from __future__ import annotations
@@ -27,39 +32,37 @@ from protocol.ethernet import (
     strip_vlan_tag,
 )
 from varpd.linux import devices
-from varpd.linux.misses import REQUESTER_MAC, MissTracker, l2_miss_frame, l3_miss_frame
-from varpd.linux.model import LinuxDevice, _check_mac, _checked_frame, _mac_text
+from varpd.linux.misses import (
+    REQUESTER_MAC,
+    Miss,
+    MissTracker,
+    l2_miss_frame,
+    l3_miss_frame,
+)
+from varpd.linux.model import LinuxDevice, _mac_text
 from varpd.linux.netlink import PacketSender
+from varpd.shim.bookkeeping import DeviceTable, check_mac, checked_frame
 from varpd.shim.types import (
     DROP,
     VALID,
     CacheEntry,
-    DstType,
     InvalidArgument,
     LookupRequest,
     NoSuchEntry,
-    NotAssociated,
-    NotSupported,
     Point,
     TargetMode,
-    UnknownRequest,
 )
 
 ICMPV6_NA = 136
 
 
-class UpcallsMixin:
+class UpcallsMixin(DeviceTable[LinuxDevice]):
     """Lookups, injections and the target cache of `LinuxDriver` (module docstring)."""
 
     tracker: MissTracker
-    counters: dict[str, int]
     spoof: Any
-    _devices: dict[str, LinuxDevice]
     _sender: PacketSender | None
     _enqueue: Callable[..., None]
-
-    def device(self, name: str) -> LinuxDevice:
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ upcalls
 
@@ -76,57 +79,38 @@ class UpcallsMixin:
                 assert isinstance(miss.key, bytes)
                 if dev.fdb.get(miss.key) is not None or miss.key in dev.vnics:
                     tracker.finish(miss, negative=False)  # answered meanwhile
+                    self._release_held(dev, miss.key)
                     self.counters["stale_lookups"] += 1
                     continue
                 frame = l2_miss_frame(miss.key)
             else:
                 assert isinstance(miss.key, str)
                 frame = l3_miss_frame(miss.key)
-            l2 = parse_l2(frame)
+            l2 = parse_l2(frame)  # untagged: the request's vlan is 0
             req_id = tracker.new_request(miss)
-            self.counters["lookups"] += 1
-            dev.counters["lookups"] += 1
-            return LookupRequest(
-                req_id=req_id,
-                device=dev.name,
-                varpd_id=dev.varpd_id or 0,
-                vnet_id=dev.vnet_id,
-                hdr_size=l2.hdr_size,
-                pkt_size=len(frame) - l2.hdr_size,
-                src_mac=l2.src,
-                dst_mac=l2.dst,
-                dst_type=DstType(l2.dst_type),
-                sap=l2.sap,
-                vlan=0,
-                frame=frame,
-            )
+            return self._lookup_request(req_id, dev, frame, l2)
 
-    def _take(self, req_id: int) -> Any:
-        miss = self.tracker.take(req_id)
-        if miss is None:
-            self.counters["unknown_requests"] += 1
-            raise UnknownRequest(f"lookup request {req_id} is not outstanding")
-        return miss
+    def _claim(self, req_id: int) -> Miss | None:
+        return self.tracker.take(req_id)
 
-    def respond(self, req_id: int, point: Point) -> None:
-        if not isinstance(point, Point):
-            raise InvalidArgument(f"respond needs a Point, not {type(point).__name__}")
-        miss = self._take(req_id)
-        self.counters["responds"] += 1
-        dev = self._devices.get(miss.device)
-        if dev is not None and miss.kind == "l2":
-            self._fdb_set(dev, miss.key, point)
-        self.tracker.finish(miss, negative=False)
+    def _respond(self, request: Miss, point: Point) -> None:
+        """An L2 answer becomes an fdb entry."""
+        dev = self._devices.get(request.device)
+        if dev is not None and request.kind == "l2":
+            self._fdb_set(dev, request.key, point)
+        self.tracker.finish(request, negative=False)
 
-    def drop(self, req_id: int) -> None:
-        miss = self._take(req_id)
-        self.counters["drops"] += 1
-        self.tracker.finish(miss, negative=not miss.answered)
+    def _drop(self, request: Miss) -> None:
+        """Remembered as unanswered for ``negative_ttl``, unless answered meanwhile."""
+        self.tracker.finish(request, negative=not request.answered)
+        dev = self._devices.get(request.device)
+        if dev is not None and request.kind == "l2":
+            dev.held.pop(request.key, None)  # no remote: the tenant's packets would be dropped
 
     def inject(self, name: str, frame: bytes, *, bypass_filter: bool = True) -> None:
         """A reply/announcement from varpd: neighbour entry + delivery (module docstring)."""
         dev = self.device(name)
-        frame = _checked_frame(frame, "inject")
+        frame = checked_frame(frame, "inject")
         self.counters["injects"] += 1
         dev.counters["injected"] += 1
         try:
@@ -193,14 +177,41 @@ class UpcallsMixin:
             self.tracker.miss(dev.name, "l2", mac)  # the internal VL2 lookup
 
     def _announce(self, dev: LinuxDevice, ip: str, mac: bytes) -> None:
-        """Tell the local VNICs ``ip`` is at ``mac`` (completes a pending resolution)."""
+        """Tell the local VNICs ``ip`` is at ``mac`` (completes a pending resolution).
+
+        The tenant sends its queued packets the moment it hears this, so it must not hear it
+        before the kernel can forward them: the frame goes out through the kernel-write queue,
+        after the neighbour and fdb writes queued before it, and when the MAC has no fdb entry
+        at all it is held until the internal VL2 lookup installs one (`_release_held`)."""
         addr = ip_address(ip)
         if isinstance(addr, IPv4Address):
             frame = build_arp(ARP_REPLY, mac, addr, BROADCAST_MAC, addr, src=mac)
         else:
             frame = build_unsolicited_na(mac, addr.packed)
         self.counters["announcements"] += 1
-        self._deliver(dev, frame, BROADCAST_MAC)
+        if dev.mode == TargetMode.DYNAMIC and mac not in dev.vnics and mac not in dev.fdb:
+            held = dev.held.setdefault(mac, [])
+            if len(held) < 8:
+                held.append(frame)
+            return
+        self._deliver_after_writes(dev, frame, BROADCAST_MAC)
+
+    def _release_held(self, dev: LinuxDevice, mac: bytes) -> None:
+        for frame in dev.held.pop(mac, ()):
+            self._deliver_after_writes(dev, frame, BROADCAST_MAC)
+
+    def _deliver_after_writes(self, dev: LinuxDevice, frame: bytes, dst: bytes) -> None:
+        """`_deliver`, queued behind the kernel writes already queued (they run in order)."""
+        sender = self._sender
+        if sender is None:
+            return
+        try:
+            untagged = strip_vlan_tag(frame)
+        except FrameError:
+            untagged = frame
+        targets = [v.host_ifname for v in dev.vnics.values() if dst[0] & 1 or dst == v.mac]
+        if targets:
+            self._enqueue(f"announcement on {dev.name}", _send_each, sender, targets, untagged)
 
     def _deliver(self, dev: LinuxDevice, frame: bytes, dst: bytes) -> None:
         sender = self._sender
@@ -217,7 +228,7 @@ class UpcallsMixin:
     def resend(self, name: str, frame: bytes) -> None:
         """Push ``frame`` into the vxlan device's transmit path (DHCP redirects)."""
         dev = self.device(name)
-        frame = _checked_frame(frame, "resend")
+        frame = checked_frame(frame, "resend")
         self.counters["resends"] += 1
         dev.counters["resent"] += 1
         if self._sender is not None and dev.activated:
@@ -268,6 +279,8 @@ class UpcallsMixin:
         self._write_fdb(dev, mac, point)
         if self.spoof is not None:
             self.spoof.note(dev.vnet_id, mac, point)
+        if dev.held:
+            self._release_held(dev, mac)
 
     def _fdb_delete(self, dev: LinuxDevice, mac: bytes) -> None:
         dev.fdb.pop(mac, None)
@@ -282,17 +295,9 @@ class UpcallsMixin:
                 _mac_text(mac),
             )
 
-    def _dynamic(self, name: str, op: str) -> LinuxDevice:
-        dev = self.device(name)
-        if dev.mode == TargetMode.POINT:
-            raise NotSupported(f"overlay {name} is in POINT mode and has no target cache to {op}")
-        if dev.mode != TargetMode.DYNAMIC:
-            raise NotAssociated(f"overlay {name} has never been associated with a varpd")
-        return dev
-
     def cache_get(self, name: str, mac: bytes) -> CacheEntry | None:
         dev = self.device(name)
-        _check_mac(mac)
+        check_mac(mac)
         if dev.mode == TargetMode.POINT and dev.point is not None:
             return CacheEntry(mac, VALID, dev.point)
         if mac not in self._dynamic(name, "read").fdb:
@@ -301,16 +306,11 @@ class UpcallsMixin:
         return CacheEntry(mac, DROP if point is None else VALID, point)
 
     def cache_set(self, name: str, mac: bytes, point: Point | None, drop: bool = False) -> None:
-        dev = self._dynamic(name, "set")
-        if not dev.associated:
-            raise NotAssociated(f"overlay {name} has no varpd associated")
-        _check_mac(mac)
-        if not drop and not isinstance(point, Point):
-            raise InvalidArgument("cache_set needs a Point unless drop=True")
+        dev = self._check_cache_set(name, mac, point, drop)
         self._fdb_set(dev, mac, None if drop else point)
 
     def cache_remove(self, name: str, mac: bytes) -> None:
-        _check_mac(mac)
+        check_mac(mac)
         dev = self._dynamic(name, "remove from")
         if mac not in dev.fdb:
             raise NoSuchEntry(f"no target cache entry for that MAC on {name}")
@@ -337,3 +337,9 @@ class UpcallsMixin:
             if limit is not None and len(out) >= limit:
                 break
         return out
+
+
+def _send_each(_ipr: Any, sender: PacketSender, ifnames: list[str], frame: bytes) -> None:
+    """A kernel-write-queue step that sends ``frame`` out of each host end (no netlink)."""
+    for ifname in ifnames:
+        sender.send(ifname, frame)

@@ -28,6 +28,9 @@ Identifiers and objects
 -----------------------
 - ``OverlayDriver`` (driver.py): all devices of a node, the muxes, the miss queue, the upcalls.
 - ``OverlayDevice`` / ``Vnic`` (device.py): a device's properties, state, target and VNICs.
+- ``DeviceTable`` / ``DeviceRecord`` (bookkeeping.py): the bases of ``OverlayDriver`` and
+  ``OverlayDevice``, shared with the kernel backend (``varpd.linux``): the devices by name,
+  the argument and property checks, association, degrade/restore/status, the upcall counters.
 - ``TargetCache`` / ``MissQueue`` (target_cache.py): DYNAMIC mode's MAC -> point cache with its
   state machine, and the driver-wide queue of misses waiting for varpd.
 - ``Mux`` (mux.py): one per listen ip:port in use, shared by its devices, demux by VNI.
@@ -109,8 +112,9 @@ Metrics: ``driver.counters``, ``device.counters``, ``mux.counters``, ``vnic.coun
 plain dicts; ``driver.metrics()`` gathers them for the daemon's exporter.
 
 Where to change what: wire format -> protocol/vxlan.py; frame helpers -> protocol/ethernet.py;
-cache semantics -> target_cache.py; switching/tagging/MTU/spoof check -> device.py; demux ->
-mux.py; a new way to move bytes -> implement backend.py's protocols.
+what both drivers accept, refuse and report (checks, properties, association, status) ->
+bookkeeping.py; cache semantics -> target_cache.py; switching/tagging/MTU/spoof check ->
+device.py; demux -> mux.py; a new way to move bytes -> implement backend.py's protocols.
 """
 
 from .backend import Backend, DatagramReceiver, FrameSink, VnicPort

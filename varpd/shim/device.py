@@ -4,18 +4,29 @@ The ``OverlayDriver`` owns devices and checks the rules that involve several of 
 (uniqueness, muxes, the miss queue); a device owns what is its own: property values, the
 target (a point or a ``TargetCache``), the VNICs and local switching, VLAN tagging, the MTU,
 and encapsulation. Nothing here awaits: every frame path is a plain synchronous call chain.
+
+The properties, association and degrade state are `bookkeeping.DeviceRecord`'s, which the
+linux backend's device shares; `OverlayDevice` adds the frame paths and lets ``vnetid`` change
+before activation (illumos does). The property limits and ``validate_listen_ip`` live in
+bookkeeping.py and are re-exported here, where callers have always found them.
 """
 
 from __future__ import annotations
 
 import struct
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from protocol import vxlan
-from protocol.addr import format_mac, ip_from_wire, ip_to_wire
+from protocol.addr import format_mac
 
 from .backend import VnicPort
+from .bookkeeping import MTU_DEFAULT as MTU_DEFAULT
+from .bookkeeping import MTU_MAX as MTU_MAX
+from .bookkeeping import MTU_MIN as MTU_MIN
+from .bookkeeping import PROPERTY_NAMES as PROPERTY_NAMES
+from .bookkeeping import VXLAN_PORT_DEFAULT as VXLAN_PORT_DEFAULT
+from .bookkeeping import DeviceRecord
+from .bookkeeping import validate_listen_ip as validate_listen_ip
 from .target_cache import TargetCache, TargetEntry
 from .types import (
     DROP,
@@ -23,22 +34,12 @@ from .types import (
     Direction,
     FrameFilter,
     InvalidArgument,
-    NoSuchProperty,
-    NotSupported,
     Point,
-    ReadOnlyProperty,
-    TargetMode,
 )
 
 if TYPE_CHECKING:
     from .driver import OverlayDriver
     from .mux import Mux
-
-MTU_DEFAULT = 1400
-MTU_MIN = 576
-MTU_MAX = 8900
-VXLAN_PORT_DEFAULT = vxlan.IANA_PORT
-PROPERTY_NAMES = ("mtu", "vnetid", "encap", "varpd/id", "vxlan/listen_ip", "vxlan/listen_port")
 
 _TPID = b"\x81\x00"
 
@@ -71,45 +72,6 @@ DEVICE_COUNTERS = (
 )
 
 VNIC_COUNTERS = ("tx_frames", "rx_frames", "rx_drop_full", "filter_drop_out", "filter_drop_in")
-
-
-def validate_listen_ip(value: object) -> bytes:
-    """vxlan/listen_ip: 16 wire bytes, refusing what overlay_vxlan.c refuses."""
-    if isinstance(value, bytes | bytearray):
-        if len(value) != 16:
-            raise InvalidArgument(
-                f"vxlan/listen_ip must be a 16-byte IPv6 (or v4-mapped) address, got {len(value)} bytes"
-            )
-        wire = bytes(value)
-    elif isinstance(value, str | IPv4Address | IPv6Address):
-        try:
-            wire = ip_to_wire(value if not isinstance(value, str) else ip_address(value.strip()))
-        except ValueError:
-            raise InvalidArgument(f"vxlan/listen_ip {value!r} is not an IP address") from None
-    else:
-        raise InvalidArgument(f"vxlan/listen_ip must be an IP address, not {type(value).__name__}")
-    v6 = IPv6Address(wire)
-    if wire[:12] == b"\x00" * 12 and int.from_bytes(wire[12:], "big") > 1:
-        raise InvalidArgument(f"vxlan/listen_ip {v6} is an IPv4-compatible address; use IPv4")
-    if v6.is_multicast:
-        raise InvalidArgument(f"vxlan/listen_ip {v6} is a multicast address")
-    if v6.sixtofour is not None:
-        raise InvalidArgument(f"vxlan/listen_ip {v6} is a 6to4 address")
-    if v6.ipv4_mapped is not None and v6.ipv4_mapped.is_multicast:
-        raise InvalidArgument(f"vxlan/listen_ip {v6.ipv4_mapped} is a multicast address")
-    return wire
-
-
-def _uint(prop: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InvalidArgument(f"{prop} must be an unsigned integer, not {value!r}")
-    try:
-        number = int(value)
-    except ValueError:
-        raise InvalidArgument(f"{prop} must be an unsigned integer, not {value!r}") from None
-    if number < 0:
-        raise InvalidArgument(f"{prop} must be an unsigned integer, not {number}")
-    return number
 
 
 class Vnic:
@@ -151,80 +113,41 @@ class Vnic:
             self.counters["rx_drop_full"] += 1
 
 
-class OverlayDevice:
-    """State of one overlay link; see the package docstring for the lifecycle."""
+class OverlayDevice(DeviceRecord):
+    """State of one overlay link; see the package docstring for the lifecycle.
+
+    Properties, association and degrade state are the shared `DeviceRecord`'s; this adds the
+    frame paths, the target cache, the parked misses and the mux.
+    """
+
+    READ_ONLY_PROPS = ("encap", "varpd/id")  # vnetid may change before activation (illumos)
+
+    vnics: dict[bytes, Vnic]
 
     def __init__(self, driver: OverlayDriver, name: str, vnet_id: int, encap: str) -> None:
+        super().__init__(name, vnet_id, encap, DEVICE_COUNTERS)
         self.driver = driver
-        self.name = name
-        self.vnet_id = vnet_id
-        self.encap = encap
-        self.mtu = MTU_DEFAULT
-        self.listen_ip: bytes | None = None
-        self.listen_port = VXLAN_PORT_DEFAULT
-        self.activated = False
-        self.associated = False
-        self.varpd_id: int | None = None
-        self.mode = TargetMode.NONE
-        self.point: Point | None = None
         self.cache: TargetCache | None = None
         self.parked: list[TargetEntry] = []  # misses waiting for a varpd to associate
-        self.degraded = False
-        self.message = ""
         self.mux: Mux | None = None
-        self.vnics: dict[bytes, Vnic] = {}
         self.by_vlan: dict[int, list[Vnic]] = {}
-        self.counters: dict[str, int] = dict.fromkeys(DEVICE_COUNTERS, 0)
         self._listen: Point | None = None
         self._header = vxlan.encode_header(vnet_id)
         self._max_frame = self.mtu + 14
 
     # ------------------------------------------------------------------ properties
 
-    def get_props(self) -> dict[str, Any]:
-        return {
-            "mtu": self.mtu,
-            "vnetid": self.vnet_id,
-            "encap": self.encap,
-            "varpd/id": self.varpd_id,
-            "vxlan/listen_ip": None
-            if self.listen_ip is None
-            else str(ip_from_wire(self.listen_ip)),
-            "vxlan/listen_port": self.listen_port,
-        }
+    def _set_mtu(self, mtu: int) -> None:
+        self.mtu = mtu
+        self._max_frame = mtu + 14
 
-    def set_prop(self, prop: str, value: object) -> None:
-        if prop not in PROPERTY_NAMES:
-            raise NoSuchProperty(
-                f"overlay {self.name} has no property {prop!r}; known: {', '.join(PROPERTY_NAMES)}"
-            )
-        if self.activated:
-            raise NotSupported(
-                f"overlay {self.name} is activated; its properties can no longer be changed"
-            )
-        if prop in ("encap", "varpd/id"):
-            raise ReadOnlyProperty(f"property {prop} of overlay {self.name} is read-only")
-        if prop == "mtu":
-            mtu = _uint(prop, value)
-            if not MTU_MIN <= mtu <= MTU_MAX:
-                raise InvalidArgument(f"mtu must be {MTU_MIN}..{MTU_MAX}, got {mtu}")
-            self.mtu = mtu
-            self._max_frame = mtu + 14
-        elif prop == "vnetid":
-            vid = _uint(prop, value)
-            # illumos quirk (§9.2), kept: setprop refuses 2^24-1 although create accepts it.
-            if vid >= vxlan.VNI_MAX:
-                raise InvalidArgument(f"vnetid must be below {vxlan.VNI_MAX}, got {vid}")
-            self.driver.check_vnet_id_free(vid, self.encap, self)
-            self.vnet_id = vid
-            self._header = vxlan.encode_header(vid)
-        elif prop == "vxlan/listen_ip":
-            self.listen_ip = validate_listen_ip(value)
-        elif prop == "vxlan/listen_port":
-            port = _uint(prop, value)
-            if not 1 <= port <= 65535:
-                raise InvalidArgument(f"vxlan/listen_port must be 1..65535, got {port}")
-            self.listen_port = port
+    def _set_vnet_id(self, vnet_id: int) -> None:
+        # illumos quirk (§9.2), kept: setprop refuses 2^24-1 although create accepts it.
+        if vnet_id >= vxlan.VNI_MAX:
+            raise InvalidArgument(f"vnetid must be below {vxlan.VNI_MAX}, got {vnet_id}")
+        self.driver.check_vnet_id_free(vnet_id, self.encap, self)
+        self.vnet_id = vnet_id
+        self._header = vxlan.encode_header(vnet_id)
 
     def listen_point(self) -> Point:
         assert self.listen_ip is not None

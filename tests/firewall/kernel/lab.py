@@ -15,7 +15,8 @@ the IPv4 identification or the IPv6 flow label (both survive the kernel's reasse
 refragmentation).
 
 ``sweep()`` deletes leftover namespaces of this module's prefix family from earlier runs of
-the same pid space (``kfw*``) that no process owns any more.
+the same pid space (``kfw*``) that no process owns any more. Namespaces, commands and
+sysctls go through `lab.netns` (``ip`` and ``/proc/sys``: no other tools for the setup).
 """
 
 from __future__ import annotations
@@ -28,19 +29,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 
-from varpd.firewall.kernel.nftables import in_netns
+from lab import netns
+from lab.netns import in_netns, run
 
 PREFIX = "kfw"
 UPLINK_MAC = "02:aa:00:00:00:fe"
 ETH_P_ALL = 0x0003
 _seq = 0
-
-
-def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip()}")
-    return proc
 
 
 def unavailable() -> str | None:
@@ -54,19 +49,8 @@ def unavailable() -> str | None:
 
 
 def sweep() -> None:
-    """Delete ``kfw*`` namespaces left by dead test processes."""
-    out = run("ip", "netns", "list", check=False).stdout
-    for line in out.splitlines():
-        name = line.split()[0] if line.split() else ""
-        if not name.startswith(PREFIX) or len(name) < 5:
-            continue
-        pid_hex = name[len(PREFIX) : -2]
-        try:
-            alive = os.path.exists(f"/proc/{int(pid_hex, 16)}")
-        except ValueError:
-            continue
-        if not alive:
-            run("ip", "netns", "del", name, check=False)
+    """Delete ``kfw*`` namespaces left by dead test processes (``kfw<pid hex><n><b|e>``)."""
+    netns.sweep(PREFIX, r"([0-9a-f]+)..$")
 
 
 def vnic_mac(i: int) -> str:
@@ -90,13 +74,10 @@ class Lab:
 
     def _build(self) -> None:
         b, e = self.nsb, self.nse
-        for ns in (b, e):
-            run("ip", "netns", "del", ns, check=False)
-            run("ip", "netns", "add", ns)
-        run("ip", "netns", "exec", e, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-        run("ip", "netns", "exec", e, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
-        for key in ("accept_ra=0", "addr_gen_mode=1", "accept_dad=0"):
-            run("ip", "netns", "exec", b, "sysctl", "-qw", f"net.ipv6.conf.default.{key}")
+        netns.add_ns(b, ipv6=True)
+        netns.add_ns(e)  # IPv6 off
+        for key, value in (("accept_ra", 0), ("addr_gen_mode", 1), ("accept_dad", 0)):
+            netns.sysctl(b, f"net.ipv6.conf.default.{key}", value)
         run("ip", "-n", b, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
         run("ip", "-n", b, "link", "set", "br0", "type", "bridge", "nf_call_iptables", "1")
         run("ip", "-n", b, "link", "set", "br0", "type", "bridge", "nf_call_ip6tables", "1")
@@ -181,7 +162,7 @@ class Lab:
         return got
 
     def conntrack_flush(self) -> None:
-        run("ip", "netns", "exec", self.nsb, "conntrack", "-F", check=False)
+        run(*netns.nsexec(self.nsb, "conntrack", "-F"), check=False)
 
 
 def frame_tag(frame: bytes) -> tuple[int, int] | None:

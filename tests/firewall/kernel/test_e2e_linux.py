@@ -13,6 +13,7 @@ A (cn1) sends UDP to guest B (cn2), which echoes:
    are in ``varpd_firewall_packets_total{vnic, direction, verdict}``;
 6. varpd on cn2 stops: B stays blocked (the table stays: fail-closed); restarted, the same.
 
+The guests' UDP programs are the demo's (`lab.demo_netns`: this is its firewall step).
 The 1 s goal between an API call and enforcement is measured by the benchmark, not here.
 """
 
@@ -22,14 +23,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from lab import netns
-from tests.e2e.conftest import REPO_ROOT, parse_ready
-from tests.linux.conftest import OWNER, PORTOLAN_IP, KernelCluster, cn_ip, cn_uuid
+from lab.demo_netns import UDP_ASK, UDP_ECHO
+from tests.linux.conftest import OWNER, PORTOLAN_IP, KernelCluster, cn_uuid
 
 pytestmark = [pytest.mark.netns, pytest.mark.linux]
 
@@ -41,59 +40,13 @@ VM_A = "b1a5e0a1-0000-4000-8000-00000000000a"
 VM_B = "b1a5e0a1-0000-4000-8000-00000000000b"
 TOKEN = "kfw-e2e-token"
 
-UDP_ECHO = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], int(sys.argv[2])))
-print("READY", flush=True)
-while True:
-    data, peer = s.recvfrom(65535)
-    s.sendto(b"echo " + data, peer)
-"""
-
-UDP_ASK = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.settimeout(float(sys.argv[5]))
-s.sendto(b"hello", (sys.argv[3], int(sys.argv[4])))
-try:
-    print(s.recvfrom(65535)[0].decode())
-except socket.timeout:
-    sys.exit(1)
-"""
-
 
 class FirewallCluster(KernelCluster):
-    """The kernel cluster with portolan's API where varpd can reach it."""
+    """The kernel cluster with portolan's API where varpd can reach it (with a token)."""
 
-    def build(self, cns: int) -> None:
-        ul = self.ns["ul"] = self.lab.ns("ul")
-        netns.run("ip", "-n", ul, "link", "add", "br0", "type", "bridge")
-        netns.run("ip", "-n", ul, "link", "set", "br0", "up")
-        self.lab.addr(ul, "br0", f"{PORTOLAN_IP}/24")
-        for n in range(1, cns + 1):
-            self.add_node(n)
-        store = f"sqlite:{self.tmp / 'portolan.db'}"
-        err = self.tmp / "portolan.err"
-        self.logs.append(err)
-        argv = [sys.executable, "-m", "portolan.cli.main", "serve", "--store", store,
-                "--svp-listen", f"{PORTOLAN_IP}:0", "--api-listen", f"{PORTOLAN_IP}:0",
-                "--metrics-listen", "127.0.0.1:0", "--reload-interval", "0",
-                "--api-token", TOKEN]  # fmt: skip
-        proc = self.lab.popen(ul, argv, stderr_path=err, cwd=REPO_ROOT)
-        ready = parse_ready(netns.wait_for_line(proc, "READY", timeout=60))
-        self.svp_port = ready["svp"][1]
-        self.api_base = f"http://{PORTOLAN_IP}:{ready['api'][1]}"
-        for n in range(1, cns + 1):
-            self.api("PUT", f"/cns/{cn_uuid(n)}", {"ip": cn_ip(n), "port": 4789})
-
-    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        with netns.in_netns(self.ns["ul"]), httpx.Client(timeout=10, headers=headers) as client:
-            resp = client.request(method, self.api_base + path, json=body)
-        assert resp.status_code < 300, f"{method} {path}: {resp.status_code} {resp.text}"
-        return resp.json() if resp.content else None
+    api_host = PORTOLAN_IP
+    api_headers = {"Authorization": f"Bearer {TOKEN}"}
+    portolan_args = ("--api-token", TOKEN)
 
     def _spawn(self, cn: str) -> None:
         config: Path = self.configs[cn]
@@ -136,12 +89,7 @@ def test_demo_firewall_step_on_the_linux_backend(kcluster: KernelCluster) -> Non
             {"network_uuid": net, "cn_uuid": cn_uuid(cn), "mac": mac, "ip": ip,
              "owner_uuid": OWNER, "belongs_to_uuid": vm},
         )  # fmt: skip
-    c.start_varpd("cn1", VNET, [(MAC_A, "fwa")])
-    c.start_varpd("cn2", VNET, [(MAC_B, "fwb")])
-    c.tenant("tA")
-    c.tenant("tB")
-    c.plug("cn1", "fwa", "tA", f"{IP_A}/24")
-    c.plug("cn2", "fwb", "tB", f"{IP_B}/24")
+    c.guests(VNET, (1, MAC_A, IP_A, "fwa", "tA"), (2, MAC_B, IP_B, "fwb", "tB"))
     echo = c.lab.popen(c.ns["tB"], [sys.executable, "-c", UDP_ECHO, IP_B, str(PORT)])
     netns.wait_for_line(echo, "READY", timeout=10)
     sport = [20000]
