@@ -72,6 +72,7 @@ from varpd.linux.model import (
     _mac_text,
     _point_of,
 )
+from varpd.linux.neighwrite import NeighWriter
 from varpd.linux.netlink import (
     KernelError,
     NeighEvent,
@@ -81,7 +82,7 @@ from varpd.linux.netlink import (
     classify,
 )
 from varpd.linux.upcalls import ICMPV6_NA as ICMPV6_NA
-from varpd.linux.upcalls import UpcallsMixin
+from varpd.linux.upcalls import UpcallsMixin, send_each
 from varpd.shim.bookkeeping import PROPERTY_NAMES as PROPERTY_NAMES
 from varpd.shim.bookkeeping import UPCALL_COUNTERS, check_vnic_address
 from varpd.shim.types import (
@@ -111,6 +112,15 @@ DRIVER_COUNTERS = UPCALL_COUNTERS + (
 VnicListener = Callable[[str, "LinuxVnic"], None]
 
 
+#: queued kernel writes that `NeighWriter` does at once instead (same arguments after ``what``)
+_RAW_WRITES: dict[Callable[..., Any], str] = {
+    devices.fdb_replace: "fdb_replace",
+    devices.fdb_delete: "fdb_delete",
+    devices.neigh_replace: "neigh_replace",
+    devices.neigh_delete: "neigh_delete",
+}
+
+
 class LinuxDriver(UpcallsMixin):
     """All linux-backend overlay devices of this network namespace (module docstring)."""
 
@@ -127,6 +137,7 @@ class LinuxDriver(UpcallsMixin):
         self.nl = Netlink()
         self._by_vx: dict[int, LinuxDevice] = {}
         self._events: NeighEvents | None = None
+        self._raw: NeighWriter | None = None
         self._sender: PacketSender | None = None
         self._running = False
         self._ops: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
@@ -150,6 +161,7 @@ class LinuxDriver(UpcallsMixin):
         try:
             self._events = NeighEvents()
             self._sender = PacketSender()
+            self._raw = NeighWriter(self._write_failed)
             hosts = await self.nl.call(devices.sweep)
             self._stale_hosts = set(hosts)
             try:
@@ -164,6 +176,7 @@ class LinuxDriver(UpcallsMixin):
                     nursery.start_soon(self.spoof.run)
                 nursery.start_soon(self._listen)
                 nursery.start_soon(self._writer)
+                nursery.start_soon(self._raw.run)
                 self._running = True
                 log.info("linux backend ready (%d host veth end(s) kept for adoption)", len(hosts))
                 task_status.started()
@@ -176,6 +189,9 @@ class LinuxDriver(UpcallsMixin):
             if self._sender is not None:
                 self._sender.close()
                 self._sender = None
+            if self._raw is not None:
+                self._raw.close()
+                self._raw = None
             with trio.CancelScope(shield=True):
                 await self.nl.close()
 
@@ -194,6 +210,19 @@ class LinuxDriver(UpcallsMixin):
     # ------------------------------------------------------------------ kernel writes
 
     def _enqueue(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Do one kernel write in order with the others: at once on the trio thread when
+        nothing is queued before it and it is a write `NeighWriter` makes (fdb / neighbour
+        entries) or an announcement; else through the writer task's queue."""
+        raw = self._raw
+        if raw is not None and not self._ops and self._ops_idle.is_set():
+            method = _RAW_WRITES.get(fn)
+            if method is not None:
+                getattr(raw, method)(what, *args)
+                self.counters["kernel_writes"] += 1
+                return
+            if fn is send_each:
+                fn(None, *args)
+                return
         self._ops.append((what, fn, args))
         self._ops_submitted += 1
         self._ops_wakeup.set()
@@ -226,9 +255,12 @@ class LinuxDriver(UpcallsMixin):
             self.counters["kernel_writes"] += len(batch)
             self._ops_done += len(batch)
             for what, text in errors:
-                self.counters["kernel_errors"] += 1
-                if _every_power_of_two(self.counters["kernel_errors"]):
-                    log.warning("kernel write failed: %s: %s", what, text)
+                self._write_failed(what, text)
+
+    def _write_failed(self, what: str, text: str) -> None:
+        self.counters["kernel_errors"] += 1
+        if _every_power_of_two(self.counters["kernel_errors"]):
+            log.warning("kernel write failed: %s: %s", what, text)
 
     async def settle(self) -> None:
         """Wait until every queued kernel write has been done."""

@@ -17,27 +17,27 @@ then the VXLAN flags and reserved bytes), the inner source MAC bits 176..223 (UD
 kernel's vxlan socket does. nft 1.0.6 has no ``inner`` expression yet, hence raw payloads.
 
 The driver feeds `note` with every change of its fdb mirror (which follows the kernel's
-table, so entries anyone adds are covered); changes are batched and applied by `run` with
-``nft -f -`` (``trio.run_process``, never on the trio thread), and the drop counter is read
-back with ``nft -j`` every ``poll`` seconds for the ``spoofed_dropped`` metric. A failed
-update is logged and the sets are rebuilt whole on the next round.
+table, so entries anyone adds are covered); changes are gathered for ``settle`` seconds
+(20 ms) and applied by `run` as one nft script through `NftDriver.run_text` (libnftables
+in-process, else ``nft -f -``), in a worker thread, never on the trio thread; a burst of
+misses costs one transaction, not a process each. The drop counter is read back as JSON
+every ``poll`` seconds for the ``spoofed_dropped`` metric. A failed update is logged and
+the sets are rebuilt whole on the next round.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from typing import Any
 
 import trio
 
+from varpd.firewall.kernel.nftables import NftDriver, NftError
 from varpd.shim.types import Point
 
 log = logging.getLogger("varpd.linux.spoof")
 
 TABLE = "pvspoof"
-NFT = "nft"
 
 _BASE = f"""
 table inet {TABLE} {{
@@ -61,7 +61,9 @@ def _mac_int(mac: bytes) -> str:
 class SpoofGuard:
     """The nftables table and its sets (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, nft: NftDriver) -> None:
+        self.nft = nft
+        self._limiter = trio.CapacityLimiter(1)
         self.entries: dict[tuple[int, bytes], Point] = {}
         self.ports: dict[int, int] = {}  # listen port -> active devices using it
         self.dropped_total = 0
@@ -71,21 +73,20 @@ class SpoofGuard:
 
     @classmethod
     async def open(cls, nl: Any = None) -> SpoofGuard:
-        """Replace the table; raises when nft is missing or refuses the ruleset."""
-        if shutil.which(NFT) is None:
-            raise RuntimeError("no nft command (nftables) on this host")
-        guard = cls()
+        """Replace the table; raises when nftables is not usable or refuses the ruleset."""
+        try:
+            nft = NftDriver()
+        except NftError as exc:
+            raise RuntimeError(str(exc)) from None
+        guard = cls(nft)
         await guard._nft(f"table inet {TABLE}\ndelete table inet {TABLE}\n{_BASE}")
         return guard
 
-    async def _nft(self, script: str) -> str:
-        proc = await trio.run_process(
-            [NFT, "-f", "-"], stdin=script.encode(), capture_stdout=True, capture_stderr=True,
-            check=False,
-        )  # fmt: skip
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.decode(errors="replace").strip() or "nft failed")
-        return proc.stdout.decode()
+    async def _nft(self, script: str) -> None:
+        try:
+            await trio.to_thread.run_sync(self.nft.run_text, script, limiter=self._limiter)
+        except NftError as exc:
+            raise RuntimeError(str(exc)) from None
 
     # ------------------------------------------------------------------ feeding
 
@@ -144,11 +145,14 @@ class SpoofGuard:
                 lines.append(f"add element inet {TABLE} {name} {{ {', '.join(elems)} }}")
         return "\n".join(lines) + "\n"
 
-    async def run(self, poll: float = 2.0) -> None:
-        """Apply changes as they come (batched); read the drop counter every ``poll`` s."""
+    async def run(self, poll: float = 2.0, settle: float = 0.02) -> None:
+        """Apply changes as they come (gathered for ``settle`` s); read the drop counter
+        every ``poll`` s."""
+        next_read = trio.current_time()
         while True:
-            with trio.move_on_after(poll):
+            with trio.move_on_at(next_read):
                 await self._wakeup.wait()
+                await trio.sleep(settle)
             self._wakeup = trio.Event()
             if self._dirty:
                 self._dirty = False
@@ -159,19 +163,19 @@ class SpoofGuard:
                     self._dirty = True
                     log.warning("spoof defence: nft update failed: %s", exc)
                     await trio.sleep(1.0)
-            await self._read_counter()
+            if trio.current_time() >= next_read:
+                await self._read_counter()
+                next_read = trio.current_time() + poll
 
     async def _read_counter(self) -> None:
         try:
-            proc = await trio.run_process(
-                [NFT, "-j", "list", "chain", "inet", TABLE, "rx"],
-                capture_stdout=True, capture_stderr=True, check=False,
-            )  # fmt: skip
-            data = json.loads(proc.stdout or b"{}")
-        except (OSError, ValueError):
+            items = await trio.to_thread.run_sync(
+                self.nft.query, f"list chain inet {TABLE} rx", limiter=self._limiter
+            )
+        except (NftError, OSError, ValueError):
             return
         total = 0
-        for item in data.get("nftables", []):
+        for item in items:
             for expr in item.get("rule", {}).get("expr", []):
                 counter = expr.get("counter") if isinstance(expr, dict) else None
                 if counter:

@@ -117,14 +117,15 @@ class UpcallsMixin(DeviceTable[LinuxDevice]):
             l2 = parse_l2(frame)
         except FrameError as exc:
             raise InvalidArgument(f"inject: {exc}") from None
-        learned = self._learn_from(dev, frame, l2)
-        if learned is not None and l2.dst == REQUESTER_MAC:
-            ip, mac = learned
-            self._announce(dev, ip, mac)
+        answer = l2.dst == REQUESTER_MAC
+        learned = self._learn_from(dev, frame, l2, announce=answer)
+        if learned is not None and answer:
             return
         self._deliver(dev, frame, l2.dst)
 
-    def _learn_from(self, dev: LinuxDevice, frame: bytes, l2: Any) -> tuple[str, bytes] | None:
+    def _learn_from(
+        self, dev: LinuxDevice, frame: bytes, l2: Any, *, announce: bool = False
+    ) -> tuple[str, bytes] | None:
         """(ip, mac) of an ARP reply / gratuitous ARP / NA, after installing it; else None."""
         ip: str | None = None
         mac: bytes | None = None
@@ -155,11 +156,16 @@ class UpcallsMixin(DeviceTable[LinuxDevice]):
                     pos += opt_len * 8
         if ip is None or mac is None or mac[0] & 1 or mac == ZERO_MAC:
             return None
-        self._neigh_set(dev, ip, mac)
+        self._neigh_set(dev, ip, mac, announce=announce)
         return ip, mac
 
-    def _neigh_set(self, dev: LinuxDevice, ip: str, mac: bytes) -> None:
+    def _neigh_set(self, dev: LinuxDevice, ip: str, mac: bytes, *, announce: bool = False) -> None:
+        """Install ip -> mac on the vxlan device; with ``announce``, tell the local VNICs first
+        (the tenant waiting on it needs the fdb entry, queued before, not this neighbour entry:
+        the kernel's proxy needs it only for the tenant's next ARP / NS)."""
         dev.neigh[ip] = mac
+        if announce:
+            self._announce(dev, ip, mac)
         if dev.vx_ifindex:
             self._enqueue(
                 f"neighbour {ip} on {dev.vxlan}",
@@ -181,7 +187,8 @@ class UpcallsMixin(DeviceTable[LinuxDevice]):
 
         The tenant sends its queued packets the moment it hears this, so it must not hear it
         before the kernel can forward them: the frame goes out through the kernel-write queue,
-        after the neighbour and fdb writes queued before it, and when the MAC has no fdb entry
+        after the fdb write queued before it (``cache_set`` of the plugin's answer), and when
+        the MAC has no fdb entry
         at all it is held until the internal VL2 lookup installs one (`_release_held`)."""
         addr = ip_address(ip)
         if isinstance(addr, IPv4Address):
@@ -211,7 +218,7 @@ class UpcallsMixin(DeviceTable[LinuxDevice]):
             untagged = frame
         targets = [v.host_ifname for v in dev.vnics.values() if dst[0] & 1 or dst == v.mac]
         if targets:
-            self._enqueue(f"announcement on {dev.name}", _send_each, sender, targets, untagged)
+            self._enqueue(f"announcement on {dev.name}", send_each, sender, targets, untagged)
 
     def _deliver(self, dev: LinuxDevice, frame: bytes, dst: bytes) -> None:
         sender = self._sender
@@ -339,7 +346,7 @@ class UpcallsMixin(DeviceTable[LinuxDevice]):
         return out
 
 
-def _send_each(_ipr: Any, sender: PacketSender, ifnames: list[str], frame: bytes) -> None:
+def send_each(_ipr: Any, sender: PacketSender, ifnames: list[str], frame: bytes) -> None:
     """A kernel-write-queue step that sends ``frame`` out of each host end (no netlink)."""
     for ifname in ifnames:
         sender.send(ifname, frame)

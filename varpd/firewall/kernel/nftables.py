@@ -138,6 +138,21 @@ class NftDriver:
         if rc != 0:
             raise NftError(f"nftables refused the batch: {str(err).strip()[:2000]}")
 
+    def run_text(self, script: str) -> None:
+        """Apply a script in nft's own syntax as one transaction (``nft -f``); ``NftError`` if
+        refused. For rules the JSON schema cannot say simply (raw payload set keys)."""
+        with in_netns(self.netns):
+            if self.backend == "libnftables":
+                rc, _out, err = self._context().cmd(script)
+            else:
+                proc = subprocess.run(
+                    ["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=120
+                )
+                rc, err = proc.returncode, proc.stderr
+        self.batches += 1
+        if rc != 0:
+            raise NftError(f"nftables refused the script: {str(err).strip()[:2000]}")
+
     def query(self, command: str) -> list[dict[str, Any]]:
         """A listing command's JSON objects (``[]`` when the object does not exist)."""
         with in_netns(self.netns):
