@@ -41,7 +41,7 @@ from lab.demo import (
     DemoBase,
     demo_spec,
 )
-from lab.netns import lines
+from lab.netns import UDP_ECHO, lines
 from lab.scenario import StepResult, ms, wait_for_signal
 
 #: the guest-side programs, run with this interpreter inside the tenant namespaces
@@ -67,16 +67,6 @@ while time.monotonic() < end:
             print(f[22:28].hex(":"))
             sys.exit(0)
 sys.exit(1)
-"""
-
-UDP_ECHO = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], int(sys.argv[2])))
-print("READY", flush=True)
-while True:
-    data, peer = s.recvfrom(65535)
-    s.sendto(b"echo " + data, peer)
 """
 
 UDP_ASK = """

@@ -201,14 +201,15 @@ class UpcallsMixin(DeviceTable[LinuxDevice]):
             if len(held) < 8:
                 held.append(frame)
             return
-        self._deliver_after_writes(dev, frame, BROADCAST_MAC)
+        self._deliver(dev, frame, BROADCAST_MAC)
 
     def _release_held(self, dev: LinuxDevice, mac: bytes) -> None:
         for frame in dev.held.pop(mac, ()):
-            self._deliver_after_writes(dev, frame, BROADCAST_MAC)
+            self._deliver(dev, frame, BROADCAST_MAC)
 
-    def _deliver_after_writes(self, dev: LinuxDevice, frame: bytes, dst: bytes) -> None:
-        """`_deliver`, queued behind the kernel writes already queued (they run in order)."""
+    def _deliver(self, dev: LinuxDevice, frame: bytes, dst: bytes) -> None:
+        """Hand ``frame`` to the VNICs it is for through their host ends, in order with the
+        kernel writes queued before it (at once when none are)."""
         sender = self._sender
         if sender is None:
             return
@@ -218,19 +219,8 @@ class UpcallsMixin(DeviceTable[LinuxDevice]):
             untagged = frame
         targets = [v.host_ifname for v in dev.vnics.values() if dst[0] & 1 or dst == v.mac]
         if targets:
-            self._enqueue(f"announcement on {dev.name}", send_each, sender, targets, untagged)
-
-    def _deliver(self, dev: LinuxDevice, frame: bytes, dst: bytes) -> None:
-        sender = self._sender
-        if sender is None:
-            return
-        try:
-            untagged = strip_vlan_tag(frame)
-        except FrameError:
-            untagged = frame
-        for vnic in dev.vnics.values():
-            if dst[0] & 1 or dst == vnic.mac:
-                sender.send(vnic.host_ifname, untagged)
+            self._enqueue(f"frame to {len(targets)} VNIC(s) on {dev.name}", send_each, sender,
+                          targets, untagged)  # fmt: skip
 
     def resend(self, name: str, frame: bytes) -> None:
         """Push ``frame`` into the vxlan device's transmit path (DHCP redirects)."""

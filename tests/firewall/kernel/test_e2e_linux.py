@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from lab import netns
-from lab.demo_netns import UDP_ASK, UDP_ECHO
+from lab.demo_netns import UDP_ASK
+from lab.netns import UDP_ECHO
 from tests.linux.conftest import OWNER, PORTOLAN_IP, KernelCluster, cn_uuid
 
 pytestmark = [pytest.mark.netns, pytest.mark.linux]
