@@ -99,6 +99,19 @@ def _seal(fs: struct.Struct, version: int, op: int, id: int, *fields: object) ->
         raise ValueError(f"cannot encode op {op:#x}: {exc}") from None
 
 
+def _encode_hello(msg: Hello | HelloAck) -> bytes:
+    return _seal(
+        _F_HELLO,
+        msg.version,
+        msg.OP,
+        msg.id,
+        EXT_MAGIC,
+        EXT_VERSION,
+        msg.caps,
+        msg.max_wait_ms,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """Client -> server: a PING carrying the capabilities the client would use."""
@@ -110,21 +123,13 @@ class Hello:
     version: int = 1
 
     def encode(self) -> bytes:
-        return _seal(
-            _F_HELLO,
-            self.version,
-            self.OP,
-            self.id,
-            EXT_MAGIC,
-            EXT_VERSION,
-            self.caps,
-            self.max_wait_ms,
-        )
+        return _encode_hello(self)
 
 
 @dataclass(frozen=True, slots=True)
 class HelloAck:
-    """Server -> client: a PONG naming the capabilities granted on this connection."""
+    """Server -> client: a PONG naming the capabilities granted on this connection (the same
+    body as `Hello`)."""
 
     OP: ClassVar[Op] = Op.PONG
     id: int
@@ -133,16 +138,7 @@ class HelloAck:
     version: int = 1
 
     def encode(self) -> bytes:
-        return _seal(
-            _F_HELLO,
-            self.version,
-            self.OP,
-            self.id,
-            EXT_MAGIC,
-            EXT_VERSION,
-            self.caps,
-            self.max_wait_ms,
-        )
+        return _encode_hello(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -70,6 +70,7 @@ from portolan.svp_server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FRAME, SvpServ
 
 log = logging.getLogger("portolan.serve")
 access_log = logging.getLogger("portolan.api.access")
+E = TypeVar("E", bound=BaseException)
 
 DEFAULT_STORE = "sqlite:./portolan.db"
 DEFAULT_SVP_LISTEN = "0.0.0.0:1296"
@@ -297,16 +298,21 @@ def _reason(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError inside ``exc`` (possibly wrapped in exception groups), if any."""
-    if isinstance(exc, OSError):
+def _find(exc: BaseException, kind: type[E]) -> E | None:
+    """The first ``kind`` exception in ``exc`` (possibly wrapped in exception groups)."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _os_error(inner)
+            found = _find(inner, kind)
             if found is not None:
                 return found
     return None
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside ``exc`` (possibly wrapped in exception groups), if any."""
+    return _find(exc, OSError)
 
 
 async def _start_listener(
@@ -548,14 +554,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _listener_failed(exc: BaseException) -> ListenerFailed | None:
     """The ListenerFailed inside ``exc`` (possibly wrapped in exception groups), if any."""
-    if isinstance(exc, ListenerFailed):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _listener_failed(inner)
-            if found is not None:
-                return found
-    return None
+    return _find(exc, ListenerFailed)
 
 
 def _store_unavailable(exc: BaseException) -> BaseException | None:
