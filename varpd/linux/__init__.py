@@ -14,6 +14,7 @@ Modules (each says more):
 - `netlink`  pyroute2 in a worker thread, the RTMGRP_NEIGH socket in the trio thread,
              AF_PACKET delivery;
 - `devices`  create/remove bridge, vxlan and veth with rollback; fdb/neighbour writes;
+- `neighwrite`  the hot fdb/neighbour writes as rtnetlink requests sent from the trio thread;
 - `misses`   one lookup per key, negative memory, bounded queue; the synthesised frames;
 - `model`    `LinuxDevice` and `LinuxVnic`, the driver's records;
 - `upcalls`  lookups, injections and the target cache (a mixin of `LinuxDriver`);
@@ -26,8 +27,10 @@ of `LinuxDevice` and `LinuxDriver` as it is of the shim's device and driver, so 
 backends accept, refuse and report alike.
 
 Invariants: every kernel object varpd creates has a ``pv`` name (`names.is_own`) and only
-those are ever deleted; no netlink or file I/O runs on the trio thread; a failed creation
-leaves nothing behind and names the failed step with the kernel's message.
+those are ever deleted; no blocking netlink or file I/O runs on the trio thread (the only
+netlink sent from it are `neighwrite`'s non-blocking requests, which the kernel applies inside
+``send``, and the notifications it reads when they are ready); a failed creation leaves
+nothing behind and names the failed step with the kernel's message.
 
 Lifecycle: ``LinuxDriver.run`` (started by the daemon) sweeps stale vxlan/bridge links,
 keeps stale host veth ends for adoption, listens and writes until cancelled, then leaves the

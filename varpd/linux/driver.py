@@ -27,10 +27,13 @@ frames never pass through Python. What each call does here:
   vxlan device discards frames to it.
 - POINT devices (direct) get no miss flags and one default fdb entry (all-zero MAC).
 
-Kernel writes triggered from synchronous calls are queued and run in order by one writer
-task (``Netlink`` worker thread, in batches); a failure is logged (rate-limited) and counted
-in ``kernel_errors``, never raised into the caller. ``await settle()`` waits until every
-queued write is done (tests, diagnostics).
+Kernel writes triggered from synchronous calls run in call order. fdb and neighbour writes
+and frames to the VNICs are done at once on the trio thread (`NeighWriter`, AF_PACKET) when
+nothing is queued before them; anything else, or anything behind a queued write, goes to the
+queue that one writer task runs in batches in the ``Netlink`` worker thread. So an ARP answer
+reaches the tenant only after the fdb entry its packets need is in the kernel. A failure is
+logged (rate-limited) and counted in ``kernel_errors``, never raised into the caller.
+``await settle()`` waits until every queued write is done (tests, diagnostics).
 
 Ownership: ``run`` sweeps the stale vxlan/bridge links of the name scheme before it reports
 ready and keeps the host veth ends it finds for adoption; ``finish_startup`` (called by the
