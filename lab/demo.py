@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+import httpx
 import trio
 
 from lab.cluster import Cluster, unavailable
@@ -113,6 +114,9 @@ class DemoBase(Scenario):
 
     #: (step, expected) in order; the flavour's ``step_<name>`` methods run them
     EXPECTED: tuple[tuple[str, str], ...] = ()
+
+    #: the metrics step fails unless portolan served VL2 and VL3 lookups
+    REQUIRE_LOOKUPS = True
 
     def __init__(self, options: DemoOptions, workdir: str) -> None:
         events = Events(options.out, enabled=options.events, narrate=options.events)
@@ -192,6 +196,48 @@ class DemoBase(Scenario):
 
     async def run(self) -> int:
         raise NotImplementedError
+
+    async def step_metrics(self, r: StepResult) -> None:
+        """Every /metrics endpoint answers; portolan's shows the VL2/VL3 lookups the steps
+        caused (when ``REQUIRE_LOOKUPS``)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        assert self.cluster.http is not None
+        host, port = self.cluster.bound["metrics"]
+        endpoints = [("portolan", f"http://{host}:{port}/metrics")]
+        endpoints += [(n.name, n.metrics_url) for n in self.nodes]
+        figures = []
+        for name, url in endpoints:
+            try:
+                response = await self.cluster.http.get(url)
+            except httpx.HTTPError as exc:
+                r.observed = f"{url}: {type(exc).__name__}: {exc}"
+                return
+            if response.status_code != 200:
+                r.observed = f"{url} answered {response.status_code}"
+                return
+            totals: dict[str, float] = {}
+            for family in text_string_to_metric_families(response.text):
+                for sample in family.samples:
+                    if sample.name == "portolan_svp_requests_total":
+                        op = sample.labels.get("op", "")
+                        totals[op] = totals.get(op, 0) + sample.value
+                    elif sample.name == "varpd_lookups_total":
+                        totals["lookups"] = totals.get("lookups", 0) + sample.value
+                    elif sample.name == "varpd_svp_shootdowns_total":
+                        totals["shootdowns"] = totals.get("shootdowns", 0) + sample.value
+            shown = ", ".join(f"{k} {int(v)}" for k, v in sorted(totals.items()) if v)
+            self.events("metrics", f"{name} {url}: {shown or 'no lookups'}")
+            figures.append(totals)
+        svp = figures[0]
+        if self.REQUIRE_LOOKUPS and (svp.get("vl2", 0) < 1 or svp.get("vl3", 0) < 1):
+            r.observed = "portolan's /metrics shows no VL2/VL3 lookups"
+            return
+        r.observed = (
+            f"{len(endpoints)} endpoints answer; portolan served {int(svp.get('vl2', 0))} VL2, "
+            f"{int(svp.get('vl3', 0))} VL3, {int(svp.get('log', 0))} LOG requests"
+        )
+        r.status = "OK"
 
 
 async def run_demo(options: DemoOptions) -> int:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import trio
 
 from lab.cluster import Cluster, Node
@@ -290,46 +289,6 @@ class MemoryDemo(DemoBase):
         r.observed = (
             f"blocked without a rule (filter drop, nothing delivered); delivered "
             f"{ms(passed)} after sending once the ALLOW rule applied"
-        )
-        r.status = "OK"
-
-    async def step_metrics(self, r: StepResult) -> None:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        assert self.cluster.http is not None
-        host, port = self.cluster.bound["metrics"]
-        endpoints = [("portolan", f"http://{host}:{port}/metrics")]
-        endpoints += [(n.name, n.metrics_url) for n in self.nodes]
-        figures = []
-        for name, url in endpoints:
-            try:
-                response = await self.cluster.http.get(url)
-            except httpx.HTTPError as exc:
-                r.observed = f"{url}: {type(exc).__name__}: {exc}"
-                return
-            if response.status_code != 200:
-                r.observed = f"{url} answered {response.status_code}"
-                return
-            totals: dict[str, float] = {}
-            for family in text_string_to_metric_families(response.text):
-                for sample in family.samples:
-                    if sample.name == "portolan_svp_requests_total":
-                        op = sample.labels.get("op", "")
-                        totals[op] = totals.get(op, 0) + sample.value
-                    elif sample.name == "varpd_lookups_total":
-                        totals["lookups"] = totals.get("lookups", 0) + sample.value
-                    elif sample.name == "varpd_svp_shootdowns_total":
-                        totals["shootdowns"] = totals.get("shootdowns", 0) + sample.value
-            shown = ", ".join(f"{k} {int(v)}" for k, v in sorted(totals.items()) if v)
-            self.events("metrics", f"{name} {url}: {shown or 'no lookups'}")
-            figures.append(totals)
-        svp = figures[0]
-        if svp.get("vl2", 0) < 1 or svp.get("vl3", 0) < 1:
-            r.observed = "portolan's /metrics shows no VL2/VL3 lookups"
-            return
-        r.observed = (
-            f"{len(endpoints)} endpoints answer; portolan served {int(svp['vl2'])} VL2, "
-            f"{int(svp['vl3'])} VL3, {int(svp.get('log', 0))} LOG requests"
         )
         r.status = "OK"
 

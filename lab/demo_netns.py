@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import trio
 
 from lab import probe
@@ -95,6 +94,8 @@ class NsGuest:
 class NetnsDemo(DemoBase):
     """The namespace flavour (see the module docstring)."""
 
+    #: the kernel answers misses from its own tables; portolan may see few or no VL2 lookups
+    REQUIRE_LOOKUPS = False
     EXPECTED = (
         ("arp", "A's ARP for B's IP answered by proxy (SVP VL3)"),
         ("ping", "ping A->B through VXLAN over UDP; B answers"),
@@ -248,29 +249,6 @@ class NetnsDemo(DemoBase):
         r.observed = (
             f"blocked without a rule ({blocked} drop(s), no echo); echo after the ALLOW rule"
         )
-        r.status = "OK"
-
-    async def step_metrics(self, r: StepResult) -> None:
-        assert self.cluster.http is not None
-        host, port = self.cluster.bound["metrics"]
-        endpoints = [("portolan", f"http://{host}:{port}/metrics")]
-        endpoints += [(n.name, n.metrics_url) for n in self.nodes]
-        for name, url in endpoints:
-            try:
-                response = await self.cluster.http.get(url)
-            except httpx.HTTPError as exc:
-                r.observed = f"{url}: {type(exc).__name__}: {exc}"
-                return
-            if response.status_code != 200:
-                r.observed = f"{url} answered {response.status_code}"
-                return
-            lookups = sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in response.text.splitlines()
-                if line.startswith(("varpd_lookups_total{", "portolan_svp_requests_total{"))
-            )
-            self.events("metrics", f"{name} {url}: {int(lookups)} lookups/requests counted")
-        r.observed = f"{len(endpoints)} endpoints answer"
         r.status = "OK"
 
     def print_header(self, hub: str) -> None:
