@@ -62,7 +62,7 @@ import logging
 import math
 import secrets
 import uuid as uuidlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeVar
@@ -431,6 +431,26 @@ def _vnic_update_state(
         if net is not None:
             errs.extend(_ip_errors(net, ip))
     return errs, old
+
+
+def _split_new_changed(
+    items: Sequence[T],
+    stored: Callable[[T], Any],
+    as_doc: Callable[[Any], Any],
+    key: Callable[[T], Any] = lambda item: item,
+) -> tuple[list[T], list[tuple[int, Any, T]]]:
+    """A load document's entries split into new ones and changed ones ``(index, stored,
+    wanted)``; an entry equal to what is stored (compared as ``as_doc(stored) == key(item)``)
+    is in neither."""
+    new: list[T] = []
+    changed: list[tuple[int, Any, T]] = []
+    for i, item in enumerate(items):
+        have = stored(item)
+        if have is None:
+            new.append(item)
+        elif as_doc(have) != key(item):
+            changed.append((i, have, item))
+    return new, changed
 
 
 class Directory:
@@ -1024,27 +1044,18 @@ class Directory:
             # What exists already: split the document into new, identical and changed entries.
             old = tx.get_vnics(doc_macs)
             stored_routes = {r.key: r for r in tx.list_routes()} if routes else {}
-            new_cns, changed_cns = [], []
-            for i, c in enumerate(cns):
-                have = existing.get(c.uuid)
-                if have is None:
-                    new_cns.append(c)
-                elif (have.ip, have.port) != (c.ip, c.port):
-                    changed_cns.append((i, have, c))
-            new_vnics, changed_vnics = [], []
-            for i, v in enumerate(vnics):
-                have_v = old.get(v.mac)
-                if have_v is None:
-                    new_vnics.append(v)
-                elif replace(have_v, version=0, network_uuid=None) != v:
-                    changed_vnics.append((i, have_v, v))
-            new_routes, changed_routes = [], []
-            for i, r in enumerate(routes):
-                have_r = stored_routes.get(r.key)
-                if have_r is None:
-                    new_routes.append(r)
-                elif replace(have_r, version=0) != r:
-                    changed_routes.append((i, have_r, r))
+            new_cns, changed_cns = _split_new_changed(
+                cns,
+                lambda c: existing.get(c.uuid),
+                lambda h: (h.ip, h.port),
+                lambda c: (c.ip, c.port),
+            )
+            new_vnics, changed_vnics = _split_new_changed(
+                vnics, lambda v: old.get(v.mac), lambda h: replace(h, version=0, network_uuid=None)
+            )
+            new_routes, changed_routes = _split_new_changed(
+                routes, lambda r: stored_routes.get(r.key), lambda h: replace(h, version=0)
+            )
             n_changed = len(changed_cns) + len(changed_vnics) + len(changed_routes)
             if n_changed and not replace_existing:
                 raise _load_conflict(changed_cns, changed_vnics, changed_routes)
