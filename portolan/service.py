@@ -1139,27 +1139,10 @@ class Directory:
     # -- the shootdown log ---------------------------------------------------------------------
     async def fetch_log(self, cn_uuid: str, budget: int, version: int = 1) -> list[LogEntry]:
         """A CN's pending log entries, oldest first, fitting a LOG_ACK body of ``budget`` bytes
-        (status word included). ROUTE entries are skipped for SVP version 1."""
-        avail = budget - LOG_STATUS_SIZE
-        smallest = min(LOG_ENTRY_SIZES.values())
-        if avail < smallest:
-            return []
-        types = (LOG_VL2, LOG_VL3) if version < 2 else None
-        epoch, key = self._log_epoch, (cn_uuid, types is None)
-        if self._log_empty.get(key) == epoch:
-            return []
-        rows = await self._read(lambda tx: tx.fetch_log(cn_uuid, avail // smallest, types))
-        if not rows:
-            self._log_empty[key] = epoch
-        out: list[LogEntry] = []
-        used = 0
-        for r in rows:
-            size = LOG_ENTRY_SIZES[r.type]
-            if used + size > avail:
-                break
-            used += size
-            out.append(r.to_entry())
-        return out
+        (status word included). ROUTE entries are skipped for SVP version 1. A log read empty
+        with nothing written since is answered from memory (no store read per idle poll)."""
+        key = (cn_uuid, budget, version)
+        return (await self.fetch_logs([key]))[key]
 
     async def fetch_logs(
         self, keys: Iterable[tuple[str, int, int]]
